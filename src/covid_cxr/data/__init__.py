@@ -1,0 +1,1 @@
+"""From raw public datasets to a manifest with a patient-level split."""

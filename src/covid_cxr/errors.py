@@ -1,0 +1,59 @@
+"""Exceptions with messages a user can act on: which file, what is wrong, what to do."""
+
+from __future__ import annotations
+
+
+class CovidCxrError(Exception):
+    """Base of every error this package raises on purpose (the CLI prints these without a traceback)."""
+
+
+class ConfigError(CovidCxrError):
+    """A configuration file or option is wrong."""
+
+
+class DataError(CovidCxrError):
+    """A dataset, manifest or source layout is wrong or unusable."""
+
+
+class RadiographError(CovidCxrError):
+    """An image file cannot be turned into a radiograph.
+
+    `source` names the file (or '<bytes>'), `reason` says what is wrong in a few words.
+    """
+
+    def __init__(self, source: str, reason: str, hint: str = "") -> None:
+        self.source = source
+        self.reason = reason
+        self.hint = hint
+        message = f"{source}: {reason}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+class EmptyFileError(RadiographError):
+    """The file has zero bytes."""
+
+
+class NotAnImageError(RadiographError):
+    """The bytes are not any image format we know (text, PDF, ...)."""
+
+
+class CorruptImageError(RadiographError):
+    """The format is known but the data is truncated or damaged."""
+
+
+class UnsupportedImageError(RadiographError):
+    """A real image we deliberately refuse: unknown codec, multi-frame or 3-D volume, odd mode."""
+
+
+class ImageTooLargeError(RadiographError):
+    """Too many pixels (decompression-bomb guard), refused from the header before decoding."""
+
+
+class ImageTooSmallError(RadiographError):
+    """Smaller than the minimum side length; nothing diagnostic survives at that size."""
+
+
+class ModelError(CovidCxrError):
+    """A model file or checkpoint is missing, corrupt or of the wrong kind."""

@@ -1,0 +1,1 @@
+"""Metrics with confidence intervals, operating points, figures and reports."""

@@ -1,0 +1,1 @@
+"""Predictor, ONNX/int8 export and batch prediction."""

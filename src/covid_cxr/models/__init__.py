@@ -1,0 +1,45 @@
+"""Model registry: every architecture behind one factory, `create(name, **options)`.
+
+Every model takes a (N, 1, H, W) float batch in [0, 1] (the output of `preprocess`) and
+returns (N,) logits for "COVID-19". Each exposes `cam_layer`, the convolutional module
+Grad-CAM explains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from covid_cxr.errors import ModelError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def _load_builtin() -> None:
+    # Importing the modules runs their @register decorators.
+    from covid_cxr.models import efficientnet_lite, seed_cnn  # noqa: F401
+
+
+def available() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def create(name: str, **options: object) -> nn.Module:
+    """Build model `name`; unknown names and options are refused with the valid choices."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ModelError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    try:
+        return _REGISTRY[name](**options)
+    except TypeError as exc:
+        raise ModelError(f"model {name!r}: bad options {options}: {exc}") from exc

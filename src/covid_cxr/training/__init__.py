@@ -1,0 +1,1 @@
+"""Training loop, augmentation and distributed training."""
