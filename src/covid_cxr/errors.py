@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class CovidCxrError(Exception):
-    """Base of every error this package raises on purpose (the CLI prints these without a traceback)."""
+    """Base of every error raised on purpose; the CLI prints these without a traceback."""
 
 
 class ConfigError(CovidCxrError):
@@ -29,6 +29,10 @@ class RadiographError(CovidCxrError):
         if hint:
             message += f" ({hint})"
         super().__init__(message)
+
+
+class UnreadableFileError(RadiographError):
+    """The file cannot be opened at all: missing, a folder, or no permission."""
 
 
 class EmptyFileError(RadiographError):
