@@ -22,7 +22,7 @@ from covid_cxr.imaging.preprocess import PreprocessConfig
 class ModelInfo:
     """What a trained model is and how to use it.
 
-    thresholds: named operating points, e.g. {"default": 0.5, "youden": 0.41, "sensitivity_95": 0.18}.
+    thresholds: named operating points, e.g. {"default": 0.5, "youden": 0.41}.
     operating_point: the name in `thresholds` that inference and the service use.
     """
 
@@ -33,6 +33,13 @@ class ModelInfo:
     operating_point: str = "default"
     version: str = "unversioned"
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.operating_point not in self.thresholds:
+            raise ModelError(
+                f"operating point {self.operating_point!r} is not one of the model's thresholds "
+                f"{sorted(self.thresholds)}"
+            )
 
     @property
     def threshold(self) -> float:
@@ -49,8 +56,11 @@ class ModelInfo:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
         data = dict(data)
-        data["preprocess"] = PreprocessConfig.from_dict(data.get("preprocess", {}))
-        return cls(**data)
+        try:
+            data["preprocess"] = PreprocessConfig.from_dict(data.get("preprocess", {}))
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"model info is malformed: {exc}") from exc
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, info: ModelInfo, **extra: Any) -> None:
@@ -94,7 +104,7 @@ def update_info(path: str | Path, **changes: Any) -> ModelInfo:
     data = read_checkpoint(path)
     info = ModelInfo.from_dict({**data["info"], **changes})
     data["info"] = info.to_dict()
-    tmp = Path(path).with_suffix(".tmp")
+    tmp = Path(path).with_suffix(Path(path).suffix + ".tmp")
     torch.save(data, tmp)
     tmp.replace(path)
     return info
