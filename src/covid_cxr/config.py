@@ -7,6 +7,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -25,26 +26,69 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One public or user dataset to read. `path` is relative to the data root unless absolute."""
+    """One public or user dataset to read. `path` is relative to the data root unless absolute.
+
+    `kind` picks the reader (see covid_cxr.data.sources.READERS). `name` is the value of the
+    manifest's `source` column (default: the folder or CSV name). `holdout` sends every image of
+    the source to split "external", so a model can be tested on a hospital it never saw.
+    `labels`, `views` and `limit` select a subset (e.g. COVID-19 PA only, at most 196 images).
+    """
 
     kind: str
     path: str
     name: str = ""
+    holdout: bool = False
+    labels: list[str] = field(default_factory=list)
+    views: list[str] = field(default_factory=list)
+    limit: int = 0
+
+    def __post_init__(self) -> None:
+        if self.limit < 0:
+            raise ValueError(f"limit must be >= 0 (0 = no limit), got {self.limit}")
 
 
 @dataclass(frozen=True)
 class SplitConfig:
+    """Fractions of images per split, assigned whole patient groups at a time."""
+
     train: float = 0.7
     val: float = 0.15
     test: float = 0.15
     seed: int = 42
 
+    def __post_init__(self) -> None:
+        ratios = (self.train, self.val, self.test)
+        if min(ratios) < 0 or self.train <= 0 or abs(sum(ratios) - 1.0) > 1e-6:
+            raise ValueError(
+                f"split ratios train={self.train}, val={self.val}, test={self.test} must be "
+                "non-negative, train > 0, and sum to 1"
+            )
+
 
 @dataclass(frozen=True)
 class DataRecipe:
+    """A `covid-cxr data build` recipe (configs/data/*.toml).
+
+    `balance`: "overall" downsamples the majority class (COVID vs the rest) before the split,
+    "per-split" within each split. `near_duplicate_distance` is the largest Hamming distance
+    between 64-bit perceptual hashes that still counts as the same picture (-1: off).
+    `near_duplicates`: "group" keeps every copy but in one split; "drop" also keeps only the
+    first copy (in source order), so no image is counted twice in a test set.
+    """
+
     name: str
     sources: list[SourceSpec]
     split: SplitConfig = field(default_factory=SplitConfig)
+    description: str = ""
+    balance: Literal["none", "overall", "per-split"] = "none"
+    near_duplicate_distance: int = 2
+    near_duplicates: Literal["group", "drop"] = "group"
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("a recipe needs at least one [[sources]] entry")
+        if self.near_duplicate_distance > 32:
+            raise ValueError("near_duplicate_distance above 32 would group unrelated images")
 
 
 # ---------------------------------------------------------------- training (covid-cxr train)
@@ -57,12 +101,109 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Random changes to each training image, applied to whole batches in memory.
+
+    The seed recipe mirrors Keras' ImageDataGenerator(shear_range=0.2, zoom_range=0.2,
+    horizontal_flip=True): `shear` is in degrees (as Keras 2.x reads shear_range, so 0.2 is
+    almost nothing), `zoom` draws independent x and y scales in [1 - zoom, 1 + zoom] (above 1
+    shows more of the image, as in Keras), and the empty border repeats the edge pixels
+    (Keras' fill_mode="nearest"). The other keys are extras for the stronger models.
+    """
+
+    hflip: bool = False
+    shear: float = 0.0
+    zoom: float = 0.0
+    rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
+    translate: float = 0.0  # fraction of the side, uniform in [-translate, translate]
+    crop_scale: float = 1.0  # random resized crop: keep an area fraction in [crop_scale, 1]
+    brightness: float = 0.0  # add uniform [-b, b]
+    contrast: float = 0.0  # scale about the image mean by uniform [1 - c, 1 + c]
+    gamma: float = 0.0  # x ** exp(uniform [-g, g])
+    fill: Literal["border", "zeros", "reflection"] = "border"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.zoom < 1.0:
+            raise ValueError(f"zoom must be in [0, 1), got {self.zoom}")
+        if not 0.1 <= self.crop_scale <= 1.0:
+            raise ValueError(f"crop_scale must be in [0.1, 1], got {self.crop_scale}")
+        if min(self.shear, self.rotation, self.translate, self.brightness, self.contrast) < 0:
+            raise ValueError("augmentation strengths must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule (the seed recipe: Adam 1e-3, constant)."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: Literal["none", "cosine", "step", "plateau"] = "none"
+    warmup_epochs: int = 0
+    min_lr: float = 0.0  # cosine floor
+    step_epochs: int = 10  # step: multiply by `factor` every step_epochs
+    factor: float = 0.1  # step and plateau decay factor
+    plateau_patience: int = 2  # plateau: epochs without val AUC gain before decaying
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Which training rows are used and how batches are drawn.
+
+    `sampler`: "uniform" shuffles; "source_balanced" draws every (source, label) group equally
+    often (weights 1 / group size, with replacement), so no hospital or class dominates and a
+    model cannot win by learning which source an image came from. `class_weights` "balanced"
+    weights the loss by inverse class frequency. `train_sources` / `exclude_sources` pick the
+    sources that train (e.g. leave one hospital out); validation uses the same sources, so a
+    held-out hospital never influences which epoch is kept.
+    """
+
+    sampler: Literal["uniform", "source_balanced"] = "uniform"
+    class_weights: Literal["none", "balanced"] = "none"
+    train_sources: list[str] = field(default_factory=list)
+    exclude_sources: list[str] = field(default_factory=list)
+    epoch_size: int = 0  # images per epoch for the balanced sampler (0: the training set size)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How fast it runs; none of these change what is learned beyond bf16 rounding."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0  # torch intra-op threads on CPU (0: one per core)
+    bf16: bool = True  # bfloat16 autocast (AVX512-BF16 / AMX on CPU, tensor cores on CUDA)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model (slow to start; measure before enabling)
+    cache_dtype: Literal["uint8", "float16"] = "float16"
+    decode_workers: int = 2  # processes decoding images into the in-memory cache
+    eval_batch_size: int = 64
+
+
+@dataclass(frozen=True)
 class TrainConfig:
+    """A `covid-cxr train` recipe (configs/train/*.toml). `manifest` is relative to the repo root
+    unless absolute; rows with split "train" fit the model and "val" select the epoch."""
+
     name: str
     manifest: str
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     seed: int = 42
+    description: str = ""
+    epochs: int = 10
+    batch_size: int = 32
+    patience: int = 0  # early stopping: epochs without a val AUC gain (0: never stop early)
+    max_images: int = 0  # use at most this many images per split (0: all), for quick runs
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if self.patience < 0 or self.max_images < 0:
+            raise ValueError("patience and max_images must be >= 0")
 
 
 # ---------------------------------------------------------------- loading
@@ -180,7 +321,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON's string escapes are all valid TOML; DEL is the one control JSON leaves raw.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
