@@ -150,9 +150,9 @@ class OptimConfig:
 class SamplingConfig:
     """Which training rows are used and how batches are drawn.
 
-    `sampler`: "uniform" shuffles; "source_balanced" draws every (source, label) group equally
-    often (weights 1 / group size, with replacement), so no hospital or class dominates and a
-    model cannot win by learning which source an image came from. `class_weights` "balanced"
+    `sampler`: "uniform" shuffles; "source_balanced" draws every (source, COVID-19 or not) group
+    equally often (weights 1 / group size, with replacement), so no hospital or class dominates
+    and a model cannot win by learning which source an image came from. `class_weights` "balanced"
     weights the loss by inverse class frequency. `train_sources` / `exclude_sources` pick the
     sources that train (e.g. leave one hospital out); validation uses the same sources, so a
     held-out hospital never influences which epoch is kept.
@@ -170,7 +170,8 @@ class RuntimeConfig:
     """How fast it runs; none of these change what is learned beyond bf16 rounding."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = 0  # torch intra-op threads on CPU (0: one per core)
+    threads: int = 0  # torch intra-op threads on CPU (0: the cores, shared by local processes)
+    reuse_memory: bool = True  # keep freed memory in the heap (see covid_cxr.training.runtime)
     bf16: bool = True  # bfloat16 autocast (AVX512-BF16 / AMX on CPU, tensor cores on CUDA)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (slow to start; measure before enabling)
@@ -193,6 +194,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
     patience: int = 0  # early stopping: epochs without a val AUC gain (0: never stop early)
+    # The epoch kept: plain validation AUC, or AUC with every (source, class) group weighted
+    # equally (an easy majority source cannot dominate the choice).
+    select_metric: Literal["val_auc", "val_auc_balanced"] = "val_auc"
     max_images: int = 0  # use at most this many images per split (0: all), for quick runs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

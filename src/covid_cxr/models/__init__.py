@@ -7,11 +7,14 @@ Grad-CAM explains.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from covid_cxr.errors import ModelError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -32,6 +35,12 @@ def _load_builtin() -> None:
 def available() -> list[str]:
     _load_builtin()
     return sorted(_REGISTRY)
+
+
+def accepts(name: str, option: str) -> bool:
+    """Whether model `name` takes `option` (e.g. the seed CNN's input `size`)."""
+    _load_builtin()
+    return name in _REGISTRY and option in inspect.signature(_REGISTRY[name]).parameters
 
 
 def create(name: str, **options: object) -> nn.Module:

@@ -1,13 +1,10 @@
 """Saving and loading trained models with everything inference needs to repeat training.
 
-A checkpoint is a `torch.save`d dict; `ModelInfo` is the part that also travels into ONNX
-metadata (as JSON) so both runtimes apply the same preprocessing and threshold.
+A checkpoint is a `torch.save`d dict of weights plus a `ModelInfo` (covid_cxr.models.info).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,52 +12,7 @@ import torch
 from torch import nn
 
 from covid_cxr.errors import ModelError
-from covid_cxr.imaging.preprocess import PreprocessConfig
-
-
-@dataclass
-class ModelInfo:
-    """What a trained model is and how to use it.
-
-    thresholds: named operating points, e.g. {"default": 0.5, "youden": 0.41}.
-    operating_point: the name in `thresholds` that inference and the service use.
-    """
-
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    thresholds: dict[str, float] = field(default_factory=lambda: {"default": 0.5})
-    operating_point: str = "default"
-    version: str = "unversioned"
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.operating_point not in self.thresholds:
-            raise ModelError(
-                f"operating point {self.operating_point!r} is not one of the model's thresholds "
-                f"{sorted(self.thresholds)}"
-            )
-
-    @property
-    def threshold(self) -> float:
-        return float(self.thresholds[self.operating_point])
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["preprocess"] = self.preprocess.to_dict()
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
-        data = dict(data)
-        try:
-            data["preprocess"] = PreprocessConfig.from_dict(data.get("preprocess", {}))
-            return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"model info is malformed: {exc}") from exc
+from covid_cxr.models.info import ModelInfo
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, info: ModelInfo, **extra: Any) -> None:

