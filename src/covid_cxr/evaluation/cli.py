@@ -1,14 +1,145 @@
-"""`covid-cxr evaluate` (placeholder until its stage lands)."""
+"""`covid-cxr evaluate`: honest metrics, operating points, figures and a report."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+SPLIT_CHOICES = ("train", "val", "test", "external", "all")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("evaluate", help="evaluate a model")
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a model: metrics with confidence intervals, operating points, report",
+        description=(
+            "Score a model on labelled radiographs and write metrics.json, report.md, "
+            "report.html and PNG figures. Thresholds other than 0.5 are chosen on validation "
+            "data (the manifest's val split or --threshold-from); inference and the service "
+            "use the model's stored operating point (ModelInfo.threshold), which "
+            "--store-thresholds updates."
+        ),
+    )
+    parser.add_argument(
+        "--model",
+        help="checkpoint (.pt), training run folder (its best.pt) or ONNX file "
+        "(default: $COVID_CXR_MODEL, else the shipped model)",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="manifest CSV, labelled CSV (path,label[,patient_id,source]) or a folder with one "
+        "sub-folder per class",
+    )
+    parser.add_argument(
+        "--split",
+        choices=SPLIT_CHOICES,
+        help="manifest split to evaluate (default: test when the data has one, else all rows)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default: evaluation/<data>-<split>)"
+    )
+    parser.add_argument(
+        "--threshold-from",
+        type=Path,
+        metavar="VAL_DATA",
+        help="labelled data to choose thresholds on (its val split if it is a manifest with "
+        "one); default: the val split of --data, else the thresholds stored in the model",
+    )
+    parser.add_argument(
+        "--target-sensitivity",
+        type=_fraction,
+        default=0.95,
+        help="sensitivity the 'sensitivity_NN' operating point must reach on validation data",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=_count,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples (0: no CIs)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument(
+        "--cam-errors",
+        type=_count,
+        default=12,
+        metavar="N",
+        help="most confident errors to show with their Grad-CAM maps",
+    )
+    parser.add_argument(
+        "--store-thresholds",
+        action="store_true",
+        help="write the chosen thresholds into the model file (checkpoint or ONNX)",
+    )
+    parser.add_argument(
+        "--operating-point",
+        metavar="NAME",
+        help="operating point that becomes the model's default with --store-thresholds and "
+        "is used for the confusion matrix and error grid (default, youden, sensitivity_95, "
+        "...; default: the model's current one)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, help="model threads (default: all cores)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from covid_cxr import RESEARCH_NOTICE
+    from covid_cxr.evaluation.evaluate import EvaluateOptions, evaluate
+    from covid_cxr.evaluation.report import estimate
+
+    out = args.out or Path("evaluation") / f"{args.data.stem}-{args.split or 'auto'}"
+    result = evaluate(
+        EvaluateOptions(
+            model=args.model,
+            data=args.data,
+            out=out,
+            split=args.split,
+            threshold_from=args.threshold_from,
+            resamples=args.bootstrap,
+            seed=args.seed,
+            target_sensitivity=args.target_sensitivity,
+            cam_errors=args.cam_errors,
+            store=args.store_thresholds,
+            operating_point=args.operating_point,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            threads=args.threads,
+        )
+    )
+    data, overall = result["data"], result["overall"]
+    primary = result["primary_operating_point"]
+    at = overall["operating_points"][primary]
+    print(
+        f"{data['scored']}/{data['listed']} images scored, {len(data['unreadable'])} unreadable, "
+        f"{len(data['excluded_by_reader'])} left out by the data reader"
+    )
+    print(f"ROC-AUC {estimate(overall['scores']['roc_auc'])}")
+    for name in ("sensitivity", "specificity"):
+        print(f"{name} at {primary} (t={at['threshold']:.3g}): {estimate(at['metrics'][name])}")
+    if result["stored"]:
+        stored = result["stored"]
+        print(
+            f"stored thresholds {stored['thresholds']} in {stored['path']} "
+            f"(operating point: {stored['operating_point']})"
+        )
+    print(f"report: {out / 'report.html'} (and report.md, metrics.json, PNG figures)")
+    print(RESEARCH_NOTICE)
+    return 0

@@ -1,0 +1,355 @@
+"""`covid-cxr evaluate` end to end: score the data, choose operating points on validation
+data, compute every metric with its CI (overall and per source), draw the figures, explain the
+most confident errors, write metrics.json and the reports, optionally store the thresholds."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covid_cxr import RESEARCH_NOTICE, __version__
+from covid_cxr.data.manifest import ManifestRow, load_labelled
+from covid_cxr.errors import CovidCxrError, DataError, ModelError
+from covid_cxr.evaluation import plots
+from covid_cxr.evaluation.bootstrap import CI_LEVEL, cluster_ids
+from covid_cxr.evaluation.calibration import ECE_BINS, reliability
+from covid_cxr.evaluation.metrics import assess
+from covid_cxr.evaluation.report import write_reports
+from covid_cxr.evaluation.scoring import Scored, score_rows
+from covid_cxr.evaluation.store import store_thresholds
+from covid_cxr.evaluation.thresholds import DEFAULT_THRESHOLD, choose_operating_points
+from covid_cxr.explain.gradcam import overlay
+from covid_cxr.inference.predictor import Predictor
+
+ALL = "all"
+
+
+@dataclass
+class EvaluateOptions:
+    model: str | Path | None
+    data: Path
+    out: Path
+    split: str | None = None  # None: the test split when the data has one, else every row
+    threshold_from: Path | None = None
+    resamples: int = 1000
+    seed: int = 0
+    target_sensitivity: float = 0.95
+    cam_errors: int = 12
+    store: bool = False
+    operating_point: str | None = None
+    workers: int = 2
+    batch_size: int = 32
+    threads: int | None = None
+
+
+def select_split(rows: Sequence[ManifestRow], split: str | None) -> tuple[list[ManifestRow], str]:
+    splits = Counter(row.split for row in rows)
+    if split is None:
+        split = "test" if splits["test"] else ALL
+    if split == ALL:
+        return list(rows), ALL
+    chosen = [row for row in rows if row.split == split]
+    if not chosen:
+        have = ", ".join(f"{k} ({v})" for k, v in sorted(splits.items()))
+        raise DataError(f"the data has no rows in split {split!r}; it has: {have} (or use 'all')")
+    return chosen, split
+
+
+def _validation_rows(
+    data_rows: Sequence[ManifestRow], options: EvaluateOptions, split: str
+) -> tuple[list[ManifestRow], str] | None:
+    """Rows to choose thresholds on, and where they came from; None when there are none."""
+    if options.threshold_from is not None:
+        rows = load_labelled(options.threshold_from)
+        val = [row for row in rows if row.split == "val"]
+        if val:
+            return val, f"the val split of {options.threshold_from}"
+        return list(rows), f"all images of {options.threshold_from}"
+    val = [row for row in data_rows if row.split == "val"]
+    if val and split != "val":
+        return val, f"the val split of {options.data}"
+    return None
+
+
+def _describe(rows: Sequence[ManifestRow]) -> dict[str, Any]:
+    sources: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        s = sources.setdefault(row.source, {"images": 0, "covid": 0, "non_covid": 0, "ids": set()})
+        s["images"] += 1
+        s["covid" if row.target else "non_covid"] += 1
+        s["ids"].add(row.patient_id)
+    for s in sources.values():
+        s["patients"] = len(s.pop("ids"))
+    return {
+        "sources": dict(sorted(sources.items())),
+        "labels": dict(Counter(row.label for row in rows).most_common()),
+    }
+
+
+def _failures(scored: Scored) -> list[dict[str, str]]:
+    return [{"path": f.source, "reason": f.reason} for f in scored.unreadable]
+
+
+def _subset(
+    scored: Scored, mask: np.ndarray, thresholds: dict[str, float], o: EvaluateOptions
+) -> dict[str, Any]:
+    """Metrics with CIs and the reliability table for the images selected by `mask`."""
+    rows = [row for row, keep in zip(scored.rows, mask, strict=True) if keep]
+    y, p = scored.targets[mask], scored.probabilities[mask]
+    clusters = cluster_ids([r.patient_id for r in rows], [r.source for r in rows])
+    result = assess(y, p, clusters, thresholds, o.resamples, o.seed)
+    result["reliability"] = reliability(y, p)
+    return result
+
+
+def _confident_errors(scored: Scored, threshold: float, count: int) -> list[int]:
+    """Indices of the false positives with the highest and false negatives with the lowest
+    probabilities, half of `count` each (the other kind fills in when one runs short)."""
+    y, p = scored.targets, scored.probabilities
+    fp = np.flatnonzero((y == 0) & (p >= threshold))
+    fp = fp[np.argsort(-p[fp], kind="stable")]
+    fn = np.flatnonzero((y == 1) & (p < threshold))
+    fn = fn[np.argsort(p[fn], kind="stable")]
+    n_fp = min(fp.size, max(count // 2, count - fn.size))
+    return [int(i) for i in (*fp[:n_fp], *fn[: count - n_fp])]
+
+
+def _error_panels(
+    predictor: Predictor, scored: Scored, indices: list[int]
+) -> tuple[list[tuple[np.ndarray, str]], str]:
+    cam = predictor.cam_available
+    note = (
+        "Each radiograph at its own resolution with the Grad-CAM map of the COVID-19 logit "
+        "overlaid (red: strongest evidence for COVID-19)."
+        if cam
+        else f"No heat maps: {predictor.runtime.cam_unavailable}"
+    )
+    predictions = predictor.predict_batch([scored.rows[i].path for i in indices], cam=cam)
+    panels = []
+    for i, prediction in zip(indices, predictions, strict=True):
+        row = scored.rows[i]
+        pixels = prediction.radiograph.pixels
+        image = (
+            overlay(pixels, prediction.cam, crop=predictor.info.preprocess.crop)
+            if prediction.cam is not None
+            else (np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+        )
+        caption = "false positive" if row.target == 0 else "false negative"
+        caption += f", p={prediction.probability:.3f}\n{row.source}: {row.path.name[:28]}"
+        if prediction.cam is not None and not prediction.cam.any():
+            caption += "\n(empty map: no region raises the COVID-19 score)"
+        panels.append((image, caption))
+    return panels, note
+
+
+def _operating_points(
+    predictor: Predictor,
+    data_rows: Sequence[ManifestRow],
+    rows: Sequence[ManifestRow],
+    split: str,
+    o: EvaluateOptions,
+) -> tuple[dict[str, Any] | None, dict[str, float], dict[str, str], str]:
+    """(validation summary, thresholds, origin of each, a sentence on where they came from).
+
+    Without validation data the thresholds stored in the model are evaluated as they are:
+    the right thing for an external test set.
+    """
+    info = predictor.info
+    chosen = _validation_rows(data_rows, o, split)
+    if chosen is None:
+        thresholds = {"default": DEFAULT_THRESHOLD, **info.thresholds}
+        origins = {op: "stored in the model" for op in info.thresholds}
+        origins.setdefault("default", "fixed at 0.5")
+        return None, thresholds, origins, "No validation data: the model's stored thresholds."
+    val_rows, val_origin = chosen
+    val = score_rows(
+        predictor, val_rows, desc="validation", workers=o.workers, batch_size=o.batch_size
+    )
+    if not val.rows:
+        raise DataError(f"none of the {len(val_rows)} validation images could be read")
+    thresholds = choose_operating_points(val.targets, val.probabilities, o.target_sensitivity)
+    origins = {op: f"sensitivity >= {o.target_sensitivity:g} on {val_origin}" for op in thresholds}
+    origins.update(default="fixed at 0.5", youden=f"Youden's J on {val_origin}")
+    overlap = {r.sha256 for r in val.rows if r.sha256} & {r.sha256 for r in rows if r.sha256}
+    validation = {
+        "origin": val_origin,
+        "listed": len(val_rows),
+        "scored": len(val.rows),
+        "n_covid": int(val.targets.sum()),
+        "unreadable": _failures(val),
+        "overlap_with_evaluated": len(overlap),
+    }
+    return validation, thresholds, origins, f"Chosen on {val_origin} ({len(val.rows)} images)."
+
+
+def _draw_figures(
+    out: Path,
+    predictor: Predictor,
+    scored: Scored,
+    overall: dict[str, Any],
+    sources: list[str],
+    thresholds: dict[str, float],
+    primary: str,
+    cam_errors: int,
+) -> tuple[dict[str, str], list[int], str]:
+    """The PNGs (name -> file name), the indices of the errors shown, and a note on them."""
+    y, p = scored.targets, scored.probabilities
+    source_of = np.array([row.source for row in scored.rows])
+    figures: dict[str, str] = {}
+    curves = {"all images": (y, p)} | {s: (y[source_of == s], p[source_of == s]) for s in sources}
+    figures["roc"] = plots.roc_figure(curves, thresholds, out / "roc.png").name
+    figures["pr"] = plots.pr_figure(curves, thresholds, out / "pr.png").name
+    ece = overall["scores"]["ece"]["value"]
+    figures["reliability"] = plots.reliability_figure(
+        overall["reliability"], ece, out / "reliability.png"
+    ).name
+    figures["confusion"] = plots.confusion_figure(
+        overall["operating_points"][primary]["confusion"],
+        primary,
+        thresholds[primary],
+        out / "confusion.png",
+    ).name
+    indices = _confident_errors(scored, thresholds[primary], cam_errors)
+    errors_note = ""
+    if indices:
+        try:
+            panels, errors_note = _error_panels(predictor, scored, indices)
+            figures["errors"] = plots.errors_figure(
+                panels,
+                f"Most confident errors at '{primary}' (t={thresholds[primary]:.3g})",
+                out / "errors.png",
+            ).name
+        except CovidCxrError as exc:  # a file changed since it was scored
+            errors_note = f"error grid not drawn: {exc}"
+
+    return figures, indices, errors_note
+
+
+def evaluate(options: EvaluateOptions) -> dict[str, Any]:
+    """Run the whole evaluation; returns the dictionary written to metrics.json."""
+    o = options
+    out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(o.model, threads=o.threads)
+    info = predictor.info
+    data_rows = load_labelled(o.data)
+    rows, split = select_split(data_rows, o.split)
+
+    validation, thresholds, origins, points_origin = _operating_points(
+        predictor, data_rows, rows, split, o
+    )
+    primary = o.operating_point or (
+        info.operating_point if info.operating_point in thresholds else "default"
+    )
+    if primary not in thresholds:
+        raise ModelError(f"no operating point {primary!r}; available: {', '.join(thresholds)}")
+    if o.store and validation is None:
+        raise DataError(
+            "--store-thresholds needs validation data: a manifest with a val split or "
+            "--threshold-from LABELLED_DATA"
+        )
+
+    scored = score_rows(
+        predictor, rows, desc="evaluating", workers=o.workers, batch_size=o.batch_size
+    )
+    if not scored.rows:
+        reasons = Counter(f.reason for f in scored.unreadable).most_common(3)
+        raise DataError(f"none of the {len(rows)} images could be read; most common: {reasons}")
+
+    y, p = scored.targets, scored.probabilities
+    everything = np.ones(y.size, dtype=bool)
+    sources = sorted({row.source for row in scored.rows})
+    source_of = np.array([row.source for row in scored.rows])
+    overall = _subset(scored, everything, thresholds, o)
+    per_source = (
+        {s: _subset(scored, source_of == s, thresholds, o) for s in sources}
+        if len(sources) > 1
+        else {}
+    )
+
+    figures, indices, errors_note = _draw_figures(
+        out, predictor, scored, overall, list(per_source), thresholds, primary, o.cam_errors
+    )
+
+    stored = None
+    if o.store:
+        new_info = store_thresholds(predictor.path, thresholds, primary)
+        stored = {
+            "path": str(predictor.path),
+            "thresholds": new_info.thresholds,
+            "operating_point": new_info.operating_point,
+        }
+
+    result: dict[str, Any] = {
+        "notice": RESEARCH_NOTICE,
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "covid_cxr_version": __version__,
+        "model": {
+            "path": str(predictor.path.resolve()),
+            "runtime": predictor.runtime.kind,
+            "name": info.name,
+            "options": info.options,
+            "version": info.version,
+            "preprocess": info.preprocess.to_dict(),
+            "thresholds": info.thresholds,
+            "operating_point": info.operating_point,
+        },
+        "data": {
+            "path": str(o.data),
+            "split": split,
+            "listed": len(rows),
+            "scored": len(scored.rows),
+            "unreadable": _failures(scored),
+            "excluded_by_reader": [
+                {"source": x.source, "item": x.item, "kind": x.kind, "reason": x.reason}
+                for x in getattr(data_rows, "excluded", [])
+            ],
+            "notes": list(getattr(data_rows, "notes", [])),
+            **_describe(scored.rows),
+        },
+        "validation": validation,
+        "method": {
+            "bootstrap": {
+                "resamples": o.resamples,
+                "seed": o.seed,
+                "level": CI_LEVEL,
+                "interval": "percentile",
+                "unit": "patients (images of one patient are resampled together; an image "
+                "without a patient id counts as its own patient)",
+            },
+            "calibration": f"expected calibration error over {ECE_BINS} equal-width bins of the "
+            "predicted probability on [0, 1], weighted by bin size",
+            "positive_rule": "COVID-19 when probability >= threshold",
+        },
+        "operating_points": {
+            op: {"threshold": t, "origin": origins[op]} for op, t in thresholds.items()
+        },
+        "operating_points_origin": points_origin,
+        "primary_operating_point": primary,
+        "overall": overall,
+        "per_source": per_source,
+        "errors": [
+            {
+                "error": "false positive" if scored.rows[i].target == 0 else "false negative",
+                "probability": float(p[i]),
+                "path": str(scored.rows[i].path),
+                "label": scored.rows[i].label,
+                "source": scored.rows[i].source,
+                "patient_id": scored.rows[i].patient_id,
+            }
+            for i in indices
+        ],
+        "errors_note": errors_note,
+        "figures": figures,
+        "stored": stored,
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_reports(result, out)
+    return result
