@@ -155,19 +155,6 @@ def predictor_mib(model: Path, image: Path, threads: int) -> float:
     )
 
 
-def torch_free_mib(model: Path, image: Path) -> float:
-    """What an ONNX Predictor would hold without torch: read + preprocess + an ORT session."""
-    return resident_mib(
-        "import onnxruntime as ort; "
-        "from covid_cxr.imaging import PreprocessConfig, preprocess, read_radiograph; "
-        "from covid_cxr.inference.runtime import session_options; "
-        f"s = ort.InferenceSession({str(model)!r}, session_options(1)); "
-        f"x = preprocess(read_radiograph({str(image)!r}).pixels, PreprocessConfig()); "
-        "s.run(['logit'], {'image': x[None, None]}); "
-        "assert 'torch' not in sys.modules"
-    )
-
-
 def find_jpeg(side: int = 640) -> Path:
     """A real JPEG (by content: some `.jpg` files in that collection are PNGs) of `side` px."""
     folder = data_root() / "covid-chestxray-dataset" / "images"
@@ -374,9 +361,7 @@ def main() -> None:
         torch_mib = resident_mib("import torch")
         print(
             f"memory: a fresh interpreter after `import torch` alone holds {torch_mib:.0f} MiB; "
-            "every Predictor imports torch today (ModelInfo lives in the torch-importing "
-            "covid_cxr.models.checkpoint). Without torch, read + preprocess + the int8 ONNX "
-            f"session hold {torch_free_mib(int8, image):.0f} MiB."
+            "ONNX Predictors never import torch (their RSS above), PyTorch ones do."
         )
         prepared = Predictor(fp32).prepare(image).input[None, None]
         session_settings(fp32, int8, prepared, args.repeats)

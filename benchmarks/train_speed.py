@@ -9,8 +9,9 @@ Prints training images/s for, on the same real radiographs (224 px):
               (`covid_cxr.training.runtime.keep_freed_memory`, process-wide, hence measured after);
   project     the project's training step (`covid_cxr.training.trainer.train_step`):
               augmentation included, bf16 autocast, channels_last, heap reuse;
-and the ratio, peak resident memory, and a bf16-vs-fp32 parity check: the same N steps from
-the same initial weights and batches, then loss and accuracy on held-out images.
+and the ratio; the default model (EfficientNet-Lite0, configs/train/default.toml) in the
+project loop for reference; peak resident memory; and a bf16-vs-fp32 parity check: the same
+N steps from the same initial weights and batches, then loss and accuracy on held-out images.
 The Keras/TensorFlow original trains at 13-14.5 img/s on this 2-core machine (team measurement;
 TensorFlow is not installed here). Other processes share the CPU: the load average is printed;
 run it twice.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import resource
 import time
 
 import numpy as np
@@ -31,16 +31,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covid_cxr.config import AugmentConfig, RuntimeConfig, TrainConfig
+from covid_cxr.config import AugmentConfig, RuntimeConfig, TrainConfig, load_config
 from covid_cxr.data.manifest import ManifestRow
 from covid_cxr.data.sources import open_source
 from covid_cxr.imaging import PreprocessConfig
 from covid_cxr.models import create
-from covid_cxr.paths import data_root
+from covid_cxr.paths import REPO_ROOT, data_root
 from covid_cxr.training.dataset import CachedImages, decode_images
 from covid_cxr.training.history import binary_metrics
 from covid_cxr.training.runtime import keep_freed_memory
-from covid_cxr.training.trainer import autocast, prepare, train_step
+from covid_cxr.training.trainer import (
+    autocast,
+    make_optimizer,
+    peak_rss_mib,
+    prepare,
+    train_step,
+)
 
 KERAS_IMG_S = (13.0, 14.5)
 BATCH = 32
@@ -146,6 +152,17 @@ def measure(data: CachedImages, config: TrainConfig, steps: int) -> dict[str, fl
     results["project"] = time_loop(
         lambda x, y: train_step(project, opt, x, y, config, cpu, g), data, steps
     )
+
+    results["seed-rss"] = peak_rss_mib()
+    # The default model in the same loop, with configs/train/default.toml's settings.
+    default = load_config(REPO_ROOT / "configs" / "train" / "default.toml", TrainConfig)
+    torch.manual_seed(0)
+    lite0 = create(default.model.name, **default.model.options)
+    lite0 = lite0.to(memory_format=torch.channels_last)
+    opt = make_optimizer(lite0, default.optim)
+    results["efficientnet"] = time_loop(
+        lambda x, y: train_step(lite0, opt, x, y, default, cpu, g), data, steps
+    )
     return results
 
 
@@ -226,14 +243,18 @@ def main() -> None:
     print("  project loop: augment, bf16, channels_last,")
     print(f"    heap reuse {reuse}                          {project:6.1f} img/s")
     print(f"  ratio project loop / plain PyTorch          {project / plain:6.2f}x")
+    print(f"  efficientnet-lite0, default.toml settings   {results['efficientnet']:6.1f} img/s")
     keras = sum(KERAS_IMG_S) / 2
     print(
         f"  vs Keras/TF {KERAS_IMG_S[0]}-{KERAS_IMG_S[1]} img/s (reference, not measured here): "
         f"{project / keras:.2f}x; goal >= 2x, i.e. >= 29 img/s"
     )
     parity(train, held_out, config, args.parity_steps)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\npeak resident memory {rss:.0f} MiB; load average now {os.getloadavg()[0]:.2f}")
+    print(
+        f"\npeak resident memory: {results['seed-rss']:.0f} MiB after the seed CNN loops, "
+        f"{peak_rss_mib():.0f} MiB at the end (freed memory stays in the heap); "
+        f"load average now {os.getloadavg()[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -165,7 +165,8 @@ def test_efficientnet_shapes_cam_layer_and_freezing() -> None:
     out = model(torch.rand(2, 1, 160, 160))
     assert out.shape == (2,)
     assert seen[0].shape == (2, 1280, 5, 5)
-    assert float(seen[0].min()) >= 0 and float(seen[0].max()) <= 6  # after ReLU6
+    cam = seen[0].detach()
+    assert float(cam.min()) >= 0 and float(cam.max()) <= 6  # after ReLU6
     # GAP -> linear head: the logit is the CAM-weighted mean of the cam-layer features.
     torch.testing.assert_close(
         out, seen[0].mean((2, 3)) @ model._fc.weight[0] + model._fc.bias, rtol=1e-4, atol=1e-4
@@ -176,3 +177,20 @@ def test_efficientnet_shapes_cam_layer_and_freezing() -> None:
     assert not model._bn0.training and model._blocks[3]._bn1.training
     with pytest.raises(ModelError, match="freeze_blocks"):
         create("efficientnet-lite0", pretrained=False, freeze_blocks=17)
+
+
+def test_efficientnet_bf16_training_gradients_follow_float32() -> None:
+    """The bf16 path (with its float32-backward depthwise layers) computes the same gradients."""
+    torch.manual_seed(0)
+    model = create("efficientnet-lite0", pretrained=True, dropout=0.0, drop_connect=0.0).eval()
+    x = torch.rand(4, 1, 96, 96)
+    grads = []
+    for bf16 in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        out.float().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    cosine = F.cosine_similarity(grads[0], grads[1], dim=0)
+    assert float(cosine) > 0.99
+    assert model._blocks[5]._depthwise_conv.weight.grad.dtype == torch.float32
