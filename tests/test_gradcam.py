@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from covid_cxr import models
-from covid_cxr.explain.gradcam import JET, cam_from_features, crop_box, grad_cam, overlay
+from covid_cxr.explain.gradcam import JET, cam_from_features, grad_cam, overlay
 from covid_cxr.imaging import PreprocessConfig, preprocess
+from covid_cxr.imaging.preprocess import crop_box
 
 torch.set_num_threads(2)
 

@@ -6,6 +6,7 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tomllib
@@ -226,14 +227,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a table, got {value!r}")
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
             if option is type(None) and value is None:
                 return None
-            try:
+            with contextlib.suppress(ConfigError):
                 return _convert(value, option, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
         raise ConfigError(f"{where}: {value!r} matches none of {typing.get_args(tp)}")
     if origin is Literal:
         if value not in typing.get_args(tp):

@@ -61,3 +61,14 @@ class ImageTooSmallError(RadiographError):
 
 class ModelError(CovidCxrError):
     """A model file or checkpoint is missing, corrupt or of the wrong kind."""
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The reason to show for a failed file, without repeating its path (shown beside it)."""
+    if isinstance(exc, RadiographError):
+        return f"{exc.reason} ({exc.hint})" if exc.hint else exc.reason
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if isinstance(exc, CovidCxrError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

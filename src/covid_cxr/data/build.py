@@ -24,7 +24,7 @@ from covid_cxr.config import DataRecipe, SourceSpec
 from covid_cxr.data.dedup import UnionFind, near_pairs
 from covid_cxr.data.fingerprint import Fingerprint, fingerprint
 from covid_cxr.data.labels import COVID, normalise_label
-from covid_cxr.data.manifest import ManifestRow
+from covid_cxr.data.manifest import SPLITS, UNSPLIT, ManifestRow
 from covid_cxr.data.sources import (
     BALANCING,
     DUPLICATE,
@@ -40,8 +40,6 @@ from covid_cxr.data.split import assign_groups
 from covid_cxr.errors import ConfigError, DataError
 
 Show = Callable[[Path], str]  # how a path appears in the report
-EXTERNAL = "external"
-SPLIT_ORDER = ("train", "val", "test", EXTERNAL)
 
 
 @dataclass
@@ -117,7 +115,7 @@ def build_dataset(
         kept = _drop_near_duplicates(kept, pairs, excluded, show)
     splits = _split(kept, recipe, groups, excluded, show)
     if recipe.balance == "per-split":
-        for name in ("train", "val", "test"):
+        for name in SPLITS[:3]:
             members = [c for c in kept if splits.get(id(c)) == name]
             survivors = {id(c) for c in _balance(members, rng, excluded, show, name)}
             kept = [c for c in kept if splits.get(id(c)) != name or id(c) in survivors]
@@ -387,7 +385,7 @@ def _split(
         if group not in held_out:
             members[group].append(candidate)
         elif recipe.sources[candidate.spec].holdout:
-            splits[id(candidate)] = EXTERNAL
+            splits[id(candidate)] = UNSPLIT
         else:
             reason = "same patient or image as a held-out source's image"
             excluded.append(Exclusion(record.source, show(record.path), HOLDOUT_OVERLAP, reason))

@@ -7,8 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 from covid_cxr.config import to_dict
-from covid_cxr.data.build import SPLIT_ORDER, BuildResult
-from covid_cxr.data.manifest import write_manifest
+from covid_cxr.data.build import BuildResult
+from covid_cxr.data.manifest import SPLITS, write_manifest
 from covid_cxr.data.sources import BALANCING, NOT_SELECTED
 
 MANIFEST_NAME = "manifest.csv"
@@ -18,7 +18,7 @@ _QUIET_KINDS = (NOT_SELECTED, BALANCING)
 
 def _splits(result: BuildResult) -> list[str]:
     present = {row.split for row in result.rows}
-    return [name for name in SPLIT_ORDER if name in present]
+    return [name for name in SPLITS if name in present]
 
 
 def summary_rows(result: BuildResult) -> list[list[str]]:

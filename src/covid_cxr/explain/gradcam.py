@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from covid_cxr.imaging.preprocess import crop_box
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -89,14 +91,6 @@ def _jet_lut() -> np.ndarray:
 
 
 JET = _jet_lut()
-
-
-def crop_box(height: int, width: int, crop: float) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of the central region `preprocess` keeps for `crop`."""
-    if crop >= 1.0:
-        return 0, 0, height, width
-    ch, cw = max(1, round(height * crop)), max(1, round(width * crop))
-    return (height - ch) // 2, (width - cw) // 2, ch, cw
 
 
 def overlay(

@@ -67,12 +67,17 @@ def _equalize(pixels: np.ndarray, bins: int = 65536) -> np.ndarray:
     return (cdf[k] * (1.0 - frac) + cdf[k + 1] * frac).astype(np.float32)
 
 
+def crop_box(height: int, width: int, crop: float) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the central region kept for `crop`; heat maps are
+    placed back on the original radiograph with the same box."""
+    if crop >= 1.0:
+        return 0, 0, height, width
+    ch, cw = max(1, round(height * crop)), max(1, round(width * crop))
+    return (height - ch) // 2, (width - cw) // 2, ch, cw
+
+
 def _center_crop(pixels: np.ndarray, fraction: float) -> np.ndarray:
-    if fraction >= 1.0:
-        return pixels
-    h, w = pixels.shape
-    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
-    top, left = (h - ch) // 2, (w - cw) // 2
+    top, left, ch, cw = crop_box(*pixels.shape, fraction)
     return pixels[top : top + ch, left : left + cw]
 
 

@@ -97,9 +97,19 @@ def read_radiograph(
     label, data = _read_bytes(source, name)
     if not data:
         raise EmptyFileError(label, "the file is empty (0 bytes)", _EXPORT_AGAIN)
-    if data[128:132] == b"DICM":
+    if sniff_format(data) == "DICOM":
         return _read_dicom(data, label, max_pixels, min_side, preamble=True)
     return _read_pillow(data, label, max_pixels, min_side)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """PNG, JPEG, TIFF or DICOM (with its 128-byte preamble) from the magic bytes alone.
+
+    File names and declared content types are claims, not facts; None for anything else.
+    """
+    if data[128:132] == b"DICM":
+        return "DICOM"
+    return next((kind for sig, kind in _SIGNATURES.items() if data.startswith(sig)), None)
 
 
 def _read_bytes(source: str | Path | bytes, name: str | None) -> tuple[str, bytes]:
@@ -135,7 +145,7 @@ def _read_pillow(data: bytes, label: str, max_pixels: int, min_side: int) -> Rad
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(label, f"the header claims too many pixels ({exc})") from exc
     except UnidentifiedImageError:
-        kind = next((k for sig, k in _SIGNATURES.items() if data.startswith(sig)), None)
+        kind = sniff_format(data)
         if kind is not None:
             raise CorruptImageError(
                 label, f"starts like a {kind} file but its header is damaged", _EXPORT_AGAIN

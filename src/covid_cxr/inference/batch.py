@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from covid_cxr.errors import CovidCxrError, RadiographError
+from covid_cxr.errors import failure_reason
 from covid_cxr.inference.predictor import Prediction, Predictor, PreparedImage
 
 # What a folder walk picks up; files named explicitly or by a glob are always tried.
@@ -40,17 +40,6 @@ class Inputs:
     files: list[Path]
     failures: list[Failure]  # arguments that name nothing
     skipped: int  # files inside folders ignored for their extension
-
-
-def describe(exc: BaseException) -> str:
-    """The reason to show for a failed file, without repeating its path."""
-    if isinstance(exc, RadiographError):
-        return f"{exc.reason} ({exc.hint})" if exc.hint else exc.reason
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    if isinstance(exc, CovidCxrError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _walk(folder: Path) -> tuple[list[Path], int]:
@@ -140,7 +129,7 @@ def predict_files(
     good_count = 0
     for path, result in prepared:
         if isinstance(result, BaseException):
-            window.append((path, Failure(str(path), describe(result))))
+            window.append((path, Failure(str(path), failure_reason(result))))
         else:
             window.append((path, result))
             good_count += 1

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from covid_cxr.errors import DataError, ModelError
+from covid_cxr.errors import DataError, ModelError, failure_reason
 from covid_cxr.imaging import PreprocessConfig, preprocess, read_radiograph
-from covid_cxr.inference.batch import Failure, describe, gather, map_ordered
+from covid_cxr.inference.batch import Failure, gather, map_ordered
 from covid_cxr.inference.onnx_export import export_onnx, max_logit_difference, sample_batch
 from covid_cxr.inference.predictor import resolve_model_path
 from covid_cxr.inference.quantize import DEFAULT_METHOD, CalibrationMethod, quantize_int8
@@ -47,7 +47,7 @@ def load_inputs(
     results = map_ordered(work, paths, workers=workers, ahead=4 * max(1, workers))
     for path, result in tqdm(results, total=len(paths), desc=f"reading {what}", unit="img"):
         if isinstance(result, BaseException):
-            failures.append(Failure(str(path), describe(result)))
+            failures.append(Failure(str(path), failure_reason(result)))
         else:
             arrays.append(result)
             kept.append(path)

@@ -68,7 +68,6 @@ class SeedCNN(nn.Module):
         side = ((((size - 4) // 2) - 2) // 2 - 2) // 2
         if side < 1:
             raise ValueError(f"seed-cnn needs an input of at least 22 pixels, got {size}")
-        self.size = size
         self.conv1 = nn.Conv2d(3, 32, 3)
         self.conv2 = nn.Conv2d(32, 64, 3)
         self.conv3 = nn.Conv2d(64, 64, 3)

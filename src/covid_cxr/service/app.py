@@ -29,8 +29,8 @@ from covid_cxr.service.engine import Engine
 from covid_cxr.service.pool import InferencePool
 from covid_cxr.service.responses import ApiError, error_response, radiograph_error
 from covid_cxr.service.security import ApiKeyGuard, LastResortErrors, SecurityHeaders
-from covid_cxr.service.settings import ServiceSettings
-from covid_cxr.service.uploads import read_form
+from covid_cxr.service.settings import FALSE_WORDS, TRUE_WORDS, ServiceSettings
+from covid_cxr.service.uploads import UploadedFile, read_form
 
 log = logging.getLogger("covid_cxr.service")
 
@@ -102,9 +102,9 @@ def _upload_body(batch: bool) -> dict[str, Any]:
 
 def _flag(form_fields: dict[str, str], name: str) -> bool:
     value = form_fields.get(name, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
+    if value in FALSE_WORDS or not value:
         return False
-    if value in ("1", "true", "yes", "on"):
+    if value in TRUE_WORDS:
         return True
     raise ApiError(400, "bad_request", f"form field {name!r} must be true or false, got {value!r}")
 
@@ -150,9 +150,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     def pool() -> InferencePool:
         return app.state.pool
 
-    async def predict_form(request: Request, max_body: int, max_files: int) -> Any:
+    async def predict_form(
+        request: Request, max_body: int, max_files: int, cam: bool, preview: bool
+    ) -> tuple[list[UploadedFile], bool, bool]:
+        """The uploaded files, and the cam/preview flags from the query or the form."""
         pool().check()
-        return await read_form(
+        form = await read_form(
             request,
             max_body=max_body,
             max_file=settings.max_upload_bytes,
@@ -160,6 +163,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             timeout_s=settings.upload_timeout_s,
             known_fields=FLAG_FIELDS,
         )
+        cam = cam or _flag(form.fields, "cam")
+        preview = preview or _flag(form.fields, "preview")
+        return form.files, cam, preview
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> Any:
@@ -221,10 +227,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     ) -> schemas.Prediction:
         """Probability of COVID-19 for one radiograph (PNG, JPEG or DICOM) in field `file`."""
         model = engine()
-        form = await predict_form(request, settings.max_upload_bytes + FORM_OVERHEAD, 1)
-        cam = cam or _flag(form.fields, "cam")
-        preview = preview or _flag(form.fields, "preview")
-        return await pool().run(model.analyse, form.files[0], cam, preview)
+        files, cam, preview = await predict_form(
+            request, settings.max_upload_bytes + FORM_OVERHEAD, 1, cam, preview
+        )
+        return await pool().run(model.analyse, files[0], cam, preview)
 
     @app.post(
         "/api/v1/predict/batch",
@@ -239,10 +245,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         """Several radiographs (fields `files`, at most max_batch_files): one result or one
         error per file, in upload order; a bad file never fails the others."""
         model = engine()
-        form = await predict_form(request, settings.max_batch_bytes, settings.max_batch_files)
-        cam = cam or _flag(form.fields, "cam")
-        preview = preview or _flag(form.fields, "preview")
-        return await pool().run(model.analyse_batch, form.files, cam, preview)
+        files, cam, preview = await predict_form(
+            request, settings.max_batch_bytes, settings.max_batch_files, cam, preview
+        )
+        return await pool().run(model.analyse_batch, files, cam, preview)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -19,7 +19,7 @@ from covid_cxr import RESEARCH_NOTICE
 from covid_cxr.errors import EmptyFileError, NotAnImageError, RadiographError
 from covid_cxr.service import schemas
 from covid_cxr.service.responses import ApiError, radiograph_error
-from covid_cxr.service.security import FORMATS, sniff_format
+from covid_cxr.service.security import FORMATS
 from covid_cxr.service.settings import ServiceSettings
 from covid_cxr.service.uploads import UploadedFile, too_large
 
@@ -89,14 +89,14 @@ class Engine:
         return str(self.predictor.version)
 
     def read(self, upload: UploadedFile) -> Radiograph:
-        from covid_cxr.imaging import read_radiograph
+        from covid_cxr.imaging.read import read_radiograph, sniff_format
 
         name = upload.filename or "upload"
         if upload.too_large:
             raise too_large(name, self.settings.max_upload_bytes)
         if not upload.data:
             raise EmptyFileError(name, "the file is empty (0 bytes)", "choose the image itself")
-        if sniff_format(upload.data) is None:
+        if sniff_format(upload.data) not in FORMATS:
             raise NotAnImageError(
                 name,
                 "not a PNG, JPEG or DICOM file",

@@ -1,4 +1,4 @@
-"""The service's guards: content sniffing, security headers, the API key, the last-resort 500.
+"""The service's guards: accepted formats, security headers, the API key, the last-resort 500.
 
 The middlewares are plain ASGI (no BaseHTTPMiddleware) so they cost microseconds per request.
 """
@@ -6,12 +6,12 @@ The middlewares are plain ASGI (no BaseHTTPMiddleware) so they cost microseconds
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from covid_cxr.service.schemas import ErrorBody, ErrorResponse
+from covid_cxr.service.responses import error_response
+from covid_cxr.service.schemas import ErrorBody
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -40,37 +40,8 @@ SECURITY_HEADERS = [
 NO_STORE = (b"cache-control", b"no-store")
 
 
-def sniff_format(data: bytes) -> str | None:
-    """PNG, JPEG or DICOM from the magic bytes alone; None for anything else.
-
-    The file name and the declared content type are the client's claims, not facts.
-    """
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data[128:132] == b"DICM":
-        return "DICOM"
-    return None
-
-
 def _is_api(path: str) -> bool:
     return path.startswith("/api/")
-
-
-async def send_error(send: Send, status: int, body: ErrorBody) -> None:
-    payload = json.dumps(ErrorResponse(error=body).model_dump()).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
 
 
 class SecurityHeaders:
@@ -116,15 +87,14 @@ class ApiKeyGuard:
         if hmac.compare_digest(given, self.key):
             await self.app(scope, receive, send)
             return
-        await send_error(
-            send,
+        await error_response(
             401,
             ErrorBody(
                 code="unauthorized",
                 message="missing API key" if not given else "wrong API key",
                 hint="send the service's key in the X-API-Key header",
             ),
-        )
+        )(scope, receive, send)
 
 
 class LastResortErrors:
@@ -155,12 +125,11 @@ class LastResortErrors:
                 "internal error %s on %s %s", type(exc).__name__, scope["method"], scope["path"]
             )
             if not started:
-                await send_error(
-                    send,
+                await error_response(
                     500,
                     ErrorBody(
                         code="internal_error",
                         message="the server failed on this request",
                         hint="the failure was logged by type; try again or report it",
                     ),
-                )
+                )(scope, receive, send)

@@ -118,8 +118,8 @@ class ServiceSettings:
         return env
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
 
 
 def _parse(raw: str, tp: Any, where: str) -> Any:
@@ -132,9 +132,9 @@ def _parse(raw: str, tp: Any, where: str) -> Any:
     try:
         if tp is bool:
             word = raw.strip().lower()
-            if word not in _TRUE | _FALSE:
-                raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}")
-            return word in _TRUE
+            if word not in TRUE_WORDS | FALSE_WORDS:
+                raise ValueError(f"expected one of {sorted(TRUE_WORDS | FALSE_WORDS)}")
+            return word in TRUE_WORDS
         if typing.get_origin(tp) is tuple:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         return tp(raw.strip()) if tp in (int, float) else raw

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from covid_cxr.data.manifest import ManifestRow
-from covid_cxr.errors import CovidCxrError
+from covid_cxr.errors import CovidCxrError, failure_reason
 from covid_cxr.imaging import PreprocessConfig, preprocess, read_radiograph
 
 CACHE_DTYPES = {"uint8": torch.uint8, "float16": torch.float16}
@@ -75,7 +75,7 @@ def _decode(task: tuple[str, PreprocessConfig, str]) -> np.ndarray | str:
     try:
         pixels = preprocess(read_radiograph(path).pixels, config)
     except (CovidCxrError, OSError, ValueError) as exc:
-        return str(exc)
+        return failure_reason(exc)
     if dtype == "uint8":
         return np.rint(pixels * 255.0).astype(np.uint8)
     return pixels.astype(np.float16)

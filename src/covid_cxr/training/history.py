@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from covid_cxr.inference.runtime import sigmoid
+
 COLUMNS = (
     "epoch",
     "lr",
@@ -38,7 +40,7 @@ def binary_metrics(
     equally: the AUC then averages COVID-19-vs-other comparisons over all pairs of groups,
     including the hard same-source ones that a source shortcut cannot win.
     """
-    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    probs = sigmoid(logits)
     correct = (probs >= threshold) == (targets >= 0.5)
     acc = float(np.average(correct, weights=weights)) if len(targets) else math.nan
     two_classes = len(np.unique(targets)) == 2
