@@ -7,7 +7,6 @@ images it has not seen (a changed file has a new sha256; a new reader version dr
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from tqdm import tqdm
 from covid_cxr import __version__
 from covid_cxr.data.dedup import file_sha256, phashes
 from covid_cxr.errors import RadiographError
+from covid_cxr.fileio import atomic_write_text
 
 CACHE_NAME = ".fingerprints.json"
 _CACHE_VERSION = f"phash-v1/covid-cxr-{__version__}"
@@ -109,9 +109,4 @@ def _load_cache(path: Path | None) -> dict[str, tuple[int | None, int | None, st
 
 
 def _save_cache(path: Path, cache: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    temporary.write_text(
-        json.dumps({"version": _CACHE_VERSION, "entries": cache}), encoding="utf-8"
-    )
-    temporary.replace(path)
+    atomic_write_text(path, json.dumps({"version": _CACHE_VERSION, "entries": cache}))

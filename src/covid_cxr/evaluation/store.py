@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from covid_cxr.errors import ModelError
+from covid_cxr.fileio import atomic_path
 from covid_cxr.models.checkpoint import ModelInfo, update_info
 
 
@@ -34,7 +35,6 @@ def store_thresholds(
     info = ModelInfo.from_dict({**info.to_dict(), **changes})
     proto = onnx.load(str(path))
     set_metadata(proto, info, head)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
     return info

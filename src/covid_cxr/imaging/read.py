@@ -25,8 +25,9 @@ Decisions, so that every caller gets the same pixels for the same file:
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -84,6 +85,9 @@ class Radiograph:
     bit_depth: int  # bits per sample as stored (8, 12, 16)
     photometric: str  # "MONOCHROME2", "MONOCHROME1", "RGB", "CMYK", "PALETTE", ...
     source: str  # the path, or the name given for bytes
+    # DICOM inputs: the header as pydicom read it, pixel data removed (UIDs, patient and study
+    # attributes for DICOM results, Modality and ViewPosition for the input gate). Never log it.
+    dataset: Any = field(default=None, repr=False, compare=False)
 
 
 def read_radiograph(
@@ -310,6 +314,7 @@ def _read_dicom(
         pixels /= high - low
     if photometric == "MONOCHROME1":
         np.subtract(1, pixels, out=pixels)
+    del ds.PixelData  # keep the header only; the pixels live on as `pixels`
     return Radiograph(
         pixels=pixels,
         width=columns,
@@ -318,4 +323,5 @@ def _read_dicom(
         bit_depth=bit_depth,
         photometric=photometric,
         source=label,
+        dataset=ds,
     )

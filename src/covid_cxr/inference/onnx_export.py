@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from covid_cxr.errors import ModelError
+from covid_cxr.fileio import atomic_path
 from covid_cxr.inference.metadata import FEATURES, INPUT, LOGIT, CamHead, set_metadata
 from covid_cxr.models.checkpoint import ModelInfo
 
@@ -127,9 +128,8 @@ def export_onnx(model: nn.Module, info: ModelInfo, out: str | Path) -> CamHead |
     proto = program.model_proto
     set_metadata(proto, info, cam_head)
     onnx.checker.check_model(proto)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
     return cam_head
 
 

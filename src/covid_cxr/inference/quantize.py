@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from covid_cxr.errors import ModelError
+from covid_cxr.fileio import atomic_path
 from covid_cxr.inference.metadata import INPUT, read_metadata, set_metadata
 
 CalibrationMethod = Literal["minmax", "percentile", "entropy"]
@@ -115,7 +116,6 @@ def quantize_int8(
     )
     info.metadata = {**info.metadata, "export": export}
     set_metadata(proto, info, cam_head)
-    tmp_out = out.with_suffix(out.suffix + ".tmp")
-    onnx.save(proto, str(tmp_out))
-    tmp_out.replace(out)
+    with atomic_path(out) as tmp_out:
+        onnx.save(proto, str(tmp_out))
     return out

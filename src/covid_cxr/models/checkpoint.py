@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from covid_cxr.errors import ModelError
+from covid_cxr.fileio import atomic_path
 from covid_cxr.models.info import ModelInfo
 
 
@@ -20,9 +21,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: ModelInfo, **extra
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": "covid-cxr/1", "info": info.to_dict(), "state_dict": state, **extra}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(
+            {"format": "covid-cxr/1", "info": info.to_dict(), "state_dict": state, **extra}, tmp
+        )
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -56,7 +58,6 @@ def update_info(path: str | Path, **changes: Any) -> ModelInfo:
     data = read_checkpoint(path)
     info = ModelInfo.from_dict({**data["info"], **changes})
     data["info"] = info.to_dict()
-    tmp = Path(path).with_suffix(Path(path).suffix + ".tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
     return info
