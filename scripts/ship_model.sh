@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Export a trained run as the shipped default model, models/covid-cxr-default.onnx.
+# Export a trained run as the shipped default model, src/covid_cxr/shipped/covid-cxr-default.onnx.
 #
 #   scripts/ship_model.sh RUN_DIR [MANIFEST]      (from the repository root)
 #
@@ -13,12 +13,11 @@ set -euo pipefail
 
 run=${1:?usage: scripts/ship_model.sh RUN_DIR [MANIFEST]}
 manifest=${2:-data/default/manifest.csv}
-out=models/covid-cxr-default.onnx
-report=models/export-report.txt
+out=src/covid_cxr/shipped/covid-cxr-default.onnx
+report=src/covid_cxr/shipped/export-report.txt
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-mkdir -p models
 covid-cxr export --model "$run" --format onnx --out "$work/int8.onnx" --int8 \
     --calibration "$manifest" --calibration-count 200 --validate-on "$manifest" \
     --fp32-out "$work/fp32.onnx" | tee "$work/report.txt"

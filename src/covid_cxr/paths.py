@@ -1,4 +1,7 @@
-"""Where shared things live: the public datasets and the shipped model."""
+"""Where shared things live: the public datasets and the shipped models.
+
+The shipped models are package data (`covid_cxr/shipped/`), so they travel inside the wheel.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,13 @@ from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parents[1]
-DEFAULT_MODEL = REPO_ROOT / "models" / "covid-cxr-default.onnx"
+SHIPPED = PACKAGE_ROOT / "shipped"
+DEFAULT_MODEL = SHIPPED / "covid-cxr-default.onnx"
+
+
+def shipped_model(name: str) -> Path:
+    """A model file shipped with the package, e.g. "covid-cxr-default.onnx"."""
+    return SHIPPED / name
 
 
 def data_root() -> Path:

@@ -72,7 +72,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
                 f"{origin} {path} does not exist. Point to a model with --model PATH "
                 f"(or Predictor(model=PATH), or ${MODEL_ENV}=PATH): a PyTorch checkpoint (.pt), "
                 "a training run folder, or an ONNX file from `covid-cxr export`. The default "
-                "model ships in the repository's models/ folder; train your own with "
+                "model ships inside the package (covid_cxr/shipped/); train your own with "
                 "`covid-cxr train` and export it with `covid-cxr export`."
             )
     else:

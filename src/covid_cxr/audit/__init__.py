@@ -1,0 +1,1 @@
+"""The audit trail: every prediction, from the API and the CLI, recorded before it is reported."""
