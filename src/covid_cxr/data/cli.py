@@ -52,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-cache", action="store_true", help="decode every image again (ignore the cache)"
     )
     build.set_defaults(func=run)
+    from covid_cxr.data.mask_cli import register_masks
+
+    register_masks(commands)
 
 
 def _parse_source(text: str, holdout: bool) -> SourceSpec:

@@ -29,7 +29,7 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
 
 def _load_builtin() -> None:
     # Importing the modules runs their @register decorators.
-    from covid_cxr.models import efficientnet_lite, seed_cnn  # noqa: F401
+    from covid_cxr.models import efficientnet_lite, seed_cnn, unet  # noqa: F401
 
 
 def available() -> list[str]:
