@@ -21,11 +21,13 @@ from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.models.checkpoint import load_checkpoint, read_checkpoint
 from covid_cxr.paths import REPO_ROOT
 from covid_cxr.training.augment import augment_batch, random_affine
+from covid_cxr.training.classification import load_splits
+from covid_cxr.training.cpu import cpu_threads
 from covid_cxr.training.dataset import EpochSampler, class_weights, decode_images, group_weights
 from covid_cxr.training.distributed import Context
 from covid_cxr.training.history import binary_metrics
-from covid_cxr.training.runtime import cpu_threads
-from covid_cxr.training.trainer import Schedule, load_splits, predict, to_channels_last
+from covid_cxr.training.schedule import Schedule
+from covid_cxr.training.steps import predict, to_channels_last
 from train_helpers import real_rows, write_rows
 
 CI_CONFIG = REPO_ROOT / "configs" / "train" / "ci.toml"
@@ -155,7 +157,7 @@ def test_group_balanced_auc_counts_every_group_equally() -> None:
 
 def test_runtime_settings() -> None:
     # In a child process: the setting is process-wide and pytest's process is shared.
-    code = "from covid_cxr.training.runtime import keep_freed_memory as k; print(k())"
+    code = "from covid_cxr.training.cpu import keep_freed_memory as k; print(k())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "True"  # Linux / glibc here
     assert cpu_threads(3) == 3
@@ -282,7 +284,15 @@ def test_best_checkpoint_reloads_and_reproduces_its_validation_score(
         [r for r in load_manifest(manifest) if r.split == "val"], config.preprocess, workers=0
     )
     context = Context(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
-    logits, targets = predict(model, val, config, context)
+    runtime = config.runtime
+    logits, targets = predict(
+        model,
+        val,
+        context,
+        batch_size=runtime.eval_batch_size,
+        bf16=runtime.bf16,
+        channels_last=runtime.channels_last,
+    )
     again = binary_metrics(targets, logits, 0.0)
     assert again["auc"] == pytest.approx(metrics["val_auc"], abs=1e-9)
     assert again["acc"] == pytest.approx(metrics["val_accuracy"], abs=1e-9)
