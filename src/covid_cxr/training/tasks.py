@@ -15,18 +15,19 @@ How to add a task (e.g. "segmentation"):
    once under `distributed.shard` and join the shares with `distributed.gather`, as
    `classification.build_cache` does, so torchrun's processes split the decoding.
    Augment with `covid_cxr.training.augment.augment_batch(images, config.augment, generator,
-   masks=...)` so a mask gets exactly its image's geometric transform.
+   masks=...)` so a mask gets exactly its image's geometric transform. The model comes from
+   the model registry (covid_cxr.models); its outputs are whatever the task's loss and
+   metrics expect (classification: (N,) logits; a segmenter: (N, 1, S, S) logits).
 2. Register a factory taking the whole TrainConfig: `@register("<task>")` above the class
    (or a function returning an instance).
 3. Import the module in `_load_builtin()` below (that runs its `@register`).
 4. A config selects it with `task = "<task>"`; checkpoints record it as
    `info.metadata["task"]` (files without it are "classification").
 
-Every metric a task returns is a float where higher or lower is obvious from its name; the
-loop prefixes "train_" / "val_" and writes them into the history rows (dicts kept in last.pt
-and written to history.csv in the order of `columns`). `select_metric` must be one of the
-"val_" columns, higher is better (it picks best.pt, drives early stopping and the plateau
-schedule).
+Metrics are floats keyed without a prefix ("loss", "dice"); the loop prefixes "train_" /
+"val_" and adds them to the epoch's history row (a dict: kept in last.pt, written to
+history.csv in the order of `columns`). `select_metric` names one of the "val_" columns;
+higher is better: it picks best.pt and drives early stopping and the plateau schedule.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ class Task(Protocol):
         self, outputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """What of a batch's (float32 outputs, targets) the epoch metrics need; gathered from
-        every process, so a task with large outputs (masks) reduces them here, per image."""
+        every process, so a task with large outputs (masks) reduces them here. Keep the first
+        dimension (one entry per image): the loop counts images by it."""
         ...
 
     def train_metrics(

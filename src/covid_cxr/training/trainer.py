@@ -14,6 +14,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from covid_cxr.training.run_folder import RunFolder, RunResult
 from covid_cxr.training.schedule import Schedule, make_optimizer
 from covid_cxr.training.state import TrainState
 from covid_cxr.training.steps import LossFunction, predict, seed_everything, train_step
+from covid_cxr.training.tasks import TaskData
 
 
 def peak_rss_mib() -> float:
@@ -46,6 +48,20 @@ def model_options(config: TrainConfig) -> dict[str, Any]:
     if accepts(config.model.name, "size"):
         options.setdefault("size", config.preprocess.size)
     return options
+
+
+@dataclass
+class Parts:
+    """What one run trains with, built once by `Trainer._assemble`."""
+
+    data: TaskData
+    net: nn.Module  # the model itself: what is saved and validated
+    wrapped: nn.Module  # what trains: `net` compiled and/or under DDP
+    options: dict[str, Any]  # the model's options, as saved in checkpoints
+    optimizer: torch.optim.Optimizer
+    sampler: EpochSampler
+    loss_function: LossFunction
+    folder: RunFolder | None  # None on every process but the main one
 
 
 class Trainer:
@@ -79,53 +95,23 @@ class Trainer:
             distributed.teardown(self.context)
 
     def _run(self) -> RunResult:
-        config, context, task = self.config, self.context, self.task
         started = time.perf_counter()
         self._setup_process()
-        data = task.load(context, self.progress)
-        self.log(f"train: {data.train.summary()}; sources {data.train.sources}")
-        self.log(f"val:   {data.val.summary()}")
-
-        net, options = self._build_model()
-        optimizer = make_optimizer(net, config.optim)
-        state = self._initial_state(net, optimizer, options)
-        wrapped = self._wrap(net)
-        sampler = self._sampler(data.train)
-        loss_function = task.loss_function(data.train)
-        folder = RunFolder(self.out, config, task) if context.main else None
-        if folder:
-            folder.write_config()
-        self.log(
-            f"{task.name}: model {config.model.name} {options}, "
-            f"{sum(p.numel() for p in net.parameters()):,} parameters, on {context.device} "
-            f"x{context.world}; {task.log_setup()}"
-        )
-
+        parts, state = self._assemble()
         stopped_early = False
-        for epoch in range(state.epoch + 1, config.epochs + 1):
-            row = self._epoch(
-                wrapped, optimizer, state.schedule, sampler, data.train, loss_function, epoch
-            )
-            row.update(self._validate(net, data.val))
-            improved = state.record(row, row[task.select_metric])
-            if folder:
-                folder.save_epoch(net, options, optimizer, state, improved)
-            self.log(
-                f"epoch {epoch}/{config.epochs}: {task.describe(row)}"
-                f"{' *' if improved else ''} | {row['images_per_s']:.1f} img/s"
-            )
-            if config.patience and state.stale >= config.patience:
+        for epoch in range(state.epoch + 1, self.config.epochs + 1):
+            self._train_epoch(parts, state, epoch)
+            if self.config.patience and state.stale >= self.config.patience:
                 stopped_early = True
                 self.log(
-                    f"early stop: no {task.select_metric} gain for {state.stale} epochs "
+                    f"early stop: no {self.task.select_metric} gain for {state.stale} epochs "
                     f"(best {state.best_epoch})"
                 )
                 break
-        distributed.barrier(context)
-
-        result = self._result(state, data, stopped_early, started)
-        if folder:
-            folder.write_result(result)
+        distributed.barrier(self.context)
+        result = self._result(state, parts.data, stopped_early, started)
+        if parts.folder:
+            parts.folder.write_result(result)
             self.log(f"{result.describe()}; run folder {self.out}")
             for item in result.unreadable:
                 self.log(f"  unreadable: {item.path}: {item.reason}")
@@ -143,6 +129,34 @@ class Trainer:
                 f"batch_size {config.batch_size} (the global batch) must be divisible by the "
                 f"{context.world} processes"
             )
+
+    def _assemble(self) -> tuple[Parts, TrainState]:
+        """Data, model, optimizer, sampler, loss and run folder; the state to start from."""
+        config, context, task = self.config, self.context, self.task
+        data = task.load(context, self.progress)
+        self.log(f"train: {data.train.summary()}; sources {data.train.sources}")
+        self.log(f"val:   {data.val.summary()}")
+        net, options = self._build_model()
+        optimizer = make_optimizer(net, config.optim)
+        state = self._initial_state(net, optimizer, options)
+        parts = Parts(
+            data=data,
+            net=net,
+            wrapped=self._wrap(net),
+            options=options,
+            optimizer=optimizer,
+            sampler=self._sampler(data.train),
+            loss_function=task.loss_function(data.train),
+            folder=RunFolder(self.out, config, task) if context.main else None,
+        )
+        if parts.folder:
+            parts.folder.write_config()
+        self.log(
+            f"{task.name}: model {config.model.name} {options}, "
+            f"{sum(p.numel() for p in net.parameters()):,} parameters, on {context.device} "
+            f"x{context.world}; {task.log_setup()}"
+        )
+        return parts, state
 
     def _build_model(self) -> tuple[nn.Module, dict[str, Any]]:
         options = model_options(self.config)
@@ -210,23 +224,26 @@ class Trainer:
 
     # -------------------------------------------------------- one epoch
 
-    def _epoch(
-        self,
-        wrapped: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        schedule: Schedule,
-        sampler: EpochSampler,
-        train: Split,
-        loss_function: LossFunction,
-        epoch: int,
-    ) -> dict[str, Any]:
+    def _train_epoch(self, parts: Parts, state: TrainState, epoch: int) -> None:
+        """Train, validate, record, save and log one epoch."""
+        row = self._fit(parts, state.schedule, epoch)
+        row.update(self._validate(parts.net, parts.data.val))
+        improved = state.record(row, row[self.task.select_metric])
+        if parts.folder:
+            parts.folder.save_epoch(parts.net, parts.options, parts.optimizer, state, improved)
+        self.log(
+            f"epoch {epoch}/{self.config.epochs}: {self.task.describe(row)}"
+            f"{' *' if improved else ''} | {row['images_per_s']:.1f} img/s"
+        )
+
+    def _fit(self, parts: Parts, schedule: Schedule, epoch: int) -> dict[str, Any]:
         """Train one epoch; its history row with the task's training metrics."""
-        config, context, runtime = self.config, self.context, self.config.runtime
+        config, context = self.config, self.context
         # Seeding per epoch makes a resumed run repeat the uninterrupted one.
         seed_everything(config.seed * 1000 + epoch + context.rank)
         augment_rng = torch.Generator().manual_seed(config.seed * 7919 + epoch * 31 + context.rank)
-        batches = sampler.batches(epoch, config.batch_size)
-        wrapped.train()
+        batches = parts.sampler.batches(epoch, config.batch_size)
+        parts.wrapped.train()
         outputs, targets, loss_sum, seen = [], [], 0.0, 0
         bar = tqdm(
             total=sum(len(b) for b in batches) * context.world,
@@ -238,22 +255,9 @@ class Trainer:
         start = time.perf_counter()
         for step, index in enumerate(batches):
             lr = schedule.lr(epoch - 1 + step / len(batches))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            inputs, y = self.task.augment(*train.batch(index), augment_rng)
-            loss, out = train_step(
-                wrapped,
-                optimizer,
-                inputs,
-                y,
-                loss_function,
-                context.device,
-                bf16=runtime.bf16,
-                channels_last=runtime.channels_last,
-            )
-            out, y = self.task.keep(out, y.to(out.device))
-            outputs.append(out.cpu())
-            targets.append(y.cpu())
+            loss, out, y = self._step(parts, index, lr, augment_rng)
+            outputs.append(out)
+            targets.append(y)
             loss_sum += loss * len(index)
             seen += len(index)
             bar.update(len(index) * context.world)
@@ -275,6 +279,27 @@ class Trainer:
             "seconds": seconds,
         }
 
+    def _step(
+        self, parts: Parts, index: torch.Tensor, lr: float, generator: torch.Generator
+    ) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """One optimizer step on the images at `index`; the loss and the kept (outputs,
+        targets), on the CPU."""
+        for group in parts.optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = self.task.augment(*parts.data.train.batch(index), generator)
+        loss, outputs = train_step(
+            parts.wrapped,
+            parts.optimizer,
+            inputs,
+            targets,
+            parts.loss_function,
+            self.context.device,
+            bf16=self.config.runtime.bf16,
+            channels_last=self.config.runtime.channels_last,
+        )
+        outputs, targets = self.task.keep(outputs, targets.to(outputs.device))
+        return loss, outputs.cpu(), targets.cpu()
+
     def _validate(self, net: nn.Module, val: Split) -> dict[str, float]:
         runtime = self.config.runtime
         outputs, targets = predict(
@@ -290,7 +315,7 @@ class Trainer:
         return {f"val_{k}": v for k, v in metrics.items()}
 
     def _result(
-        self, state: TrainState, data: tasks.TaskData, stopped_early: bool, started: float
+        self, state: TrainState, data: TaskData, stopped_early: bool, started: float
     ) -> RunResult:
         config = self.config
         return RunResult(
