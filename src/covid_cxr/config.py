@@ -202,7 +202,9 @@ class TrainConfig:
     patience: int = 0  # early stopping: epochs without a val AUC gain (0: never stop early)
     # The epoch kept: plain validation AUC, or AUC with every (source, class) group weighted
     # equally (an easy majority source cannot dominate the choice).
-    select_metric: Literal["val_auc", "val_auc_balanced"] = "val_auc"
+    select_metric: Literal["val_auc", "val_auc_balanced", "val_dice", "val_dice_balanced"] = (
+        "val_auc"
+    )
     max_images: int = 0  # use at most this many images per split (0: all), for quick runs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

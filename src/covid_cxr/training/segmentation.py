@@ -14,38 +14,51 @@ split (`val_dice`) or over each source's mean (`val_dice_balanced`).
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import multiprocessing
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from covid_cxr.config import AugmentConfig, TrainConfig
-from covid_cxr.data.masks import MaskRecord, load_mask_manifest, read_mask
+from covid_cxr.config import TrainConfig
+from covid_cxr.data.masks import SOURCES, MaskRecord, load_mask_manifest, read_mask
 from covid_cxr.errors import ConfigError, CovidCxrError, DataError, failure_reason
 from covid_cxr.imaging import PreprocessConfig, preprocess, read_radiograph
 from covid_cxr.segmentation.masks import mask_to_input
-from covid_cxr.training.augment import augment_batch
-from covid_cxr.training.dataset import Unreadable
+from covid_cxr.training import distributed
+from covid_cxr.training.augment import augment_batch, describe
+from covid_cxr.training.dataset import Split, Unreadable, group_weights
+from covid_cxr.training.distributed import Context
+from covid_cxr.training.history import Panel
+from covid_cxr.training.steps import LossFunction
+from covid_cxr.training.tasks import TaskData, register
 
 TASK = "segmentation"
+nan = math.nan
 SELECT_METRICS = ("val_dice", "val_dice_balanced")
-_NO_INTENSITY = {"brightness": 0.0, "contrast": 0.0, "gamma": 0.0}
-_NO_GEOMETRY = {
-    "hflip": False,
-    "shear": 0.0,
-    "zoom": 0.0,
-    "rotation": 0.0,
-    "translate": 0.0,
-    "crop_scale": 1.0,
-}
+COLUMNS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_dice",
+    "val_loss",
+    "val_dice",
+    "val_dice_balanced",
+    *(f"val_dice_{source}" for source in SOURCES),
+    "images_per_s",
+    "seconds",
+)
+PANELS = (
+    Panel("loss", "loss (BCE + soft Dice)"),
+    Panel("dice", "Dice", (("val_dice_balanced", "validation, sources balanced"),)),
+)
 
 
 @dataclass
@@ -62,6 +75,10 @@ class MaskCache:
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[index].float(), self.masks[index].float()
+
+    @property
+    def sources(self) -> list[str]:
+        return sorted({record.source for record in self.records})
 
     @property
     def groups(self) -> list[tuple[str, int]]:
@@ -144,28 +161,19 @@ def load_mask_splits(config: TrainConfig) -> tuple[list[MaskRecord], list[MaskRe
     return splits[0], splits[1]
 
 
-def augment_pair(
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    config: AugmentConfig,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One geometric change for image and mask together, intensity jitter for the image."""
-    both = augment_batch(
-        torch.cat([images, masks], 1), dataclasses.replace(config, **_NO_INTENSITY), generator
-    )
-    image = augment_batch(both[:, :1], dataclasses.replace(config, **_NO_GEOMETRY), generator)
-    return image, both[:, 1:]
-
-
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE with logits + (1 - soft Dice), per image, averaged over the batch."""
+def image_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N,) BCE with logits + (1 - soft Dice) of each image."""
     logits = logits.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2, 3))
     p = torch.sigmoid(logits)
     inter = (p * target).sum((1, 2, 3))
     soft = (2 * inter + 1.0) / (p.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1.0)
-    return bce + (1.0 - soft).mean()
+    return bce + (1.0 - soft)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The training loss: `image_losses` averaged over the batch."""
+    return image_losses(logits, target).mean()
 
 
 def hard_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -182,20 +190,114 @@ def dice_summary(dice: np.ndarray, sources: Iterable[str]) -> dict[str, float]:
     for value, source in zip(dice, sources, strict=True):
         by_source[source].append(float(value))
     out = {"dice": float(np.mean(dice)) if len(dice) else float("nan")}
-    out.update({f"dice_{s}": float(np.mean(v)) for s, v in sorted(by_source.items())})
     out["dice_balanced"] = float(np.mean([np.mean(v) for v in by_source.values()]))
+    for source in SOURCES:
+        out[f"dice_{source}"] = float(np.mean(by_source[source])) if source in by_source else nan
     return out
 
 
-def check_config(config: TrainConfig) -> None:
-    if config.select_metric not in SELECT_METRICS:
-        raise ConfigError(
-            f"segmentation selects epochs on {' or '.join(SELECT_METRICS)}; "
-            f"select_metric is {config.select_metric!r}"
+def build_mask_cache(
+    records: list[MaskRecord], config: TrainConfig, context: Context, split: str
+) -> MaskCache:
+    """Decode this split once; under torchrun each process decodes its share and they swap."""
+    part = decode_pairs(
+        records[distributed.shard(context, len(records))],
+        config.preprocess,
+        workers=config.runtime.decode_workers,
+    )
+    if context.distributed:
+        parts = distributed.gather(context, part)
+        part = MaskCache(
+            images=torch.cat([p.images for p in parts]),
+            masks=torch.cat([p.masks for p in parts]),
+            records=[r for p in parts for r in p.records],
+            unreadable=[u for p in parts for u in p.unreadable],
         )
-    if config.sampling.class_weights != "none":
-        raise ConfigError("sampling.class_weights applies to classification only; use 'none'")
+    if not len(part):
+        raise DataError(f"none of the {len(records)} {split} image/mask pairs could be read")
+    return part
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+@register(TASK)
+class SegmentationTask:
+    """Lung masks: (N, 1, S, S) logits per image, BCE + soft Dice, Dice per source."""
+
+    name: ClassVar[str] = TASK
+    columns = COLUMNS
+    panels = PANELS
+
+    def __init__(self, config: TrainConfig) -> None:
+        if config.select_metric not in SELECT_METRICS:
+            raise ConfigError(
+                f"task segmentation selects epochs on {' or '.join(SELECT_METRICS)}; "
+                f"select_metric is {config.select_metric!r}"
+            )
+        if config.sampling.class_weights != "none":
+            raise ConfigError("sampling.class_weights is for classification; use 'none'")
+        self.config = config
+        self.select_metric: str = config.select_metric
+
+    def load(self, context: Context, progress: bool) -> TaskData:
+        train_records, val_records = load_mask_splits(self.config)
+        train = build_mask_cache(train_records, self.config, context, "train")
+        val = build_mask_cache(val_records, self.config, context, "val")
+        return TaskData(train=train, val=val)
+
+    def sample_weights(self, train: Split) -> torch.Tensor | None:
+        if self.config.sampling.sampler != "source_balanced":
+            return None
+        return group_weights(_cache(train).groups)
+
+    def loss_function(self, train: Split) -> LossFunction:
+        return segmentation_loss
+
+    def augment(
+        self, inputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return augment_batch(inputs, self.config.augment, generator, masks=targets)
+
+    def keep(
+        self, outputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image: (Dice, loss) as outputs, the mask's area fraction as target."""
+        kept = torch.stack([hard_dice(outputs, targets).float(), image_losses(outputs, targets)], 1)
+        return kept, targets.float().mean((1, 2, 3))
+
+    def train_metrics(
+        self, outputs: np.ndarray, targets: np.ndarray, loss: float
+    ) -> dict[str, float]:
+        return {"loss": float(loss), "dice": float(np.mean(outputs[:, 0]))}
+
+    def val_metrics(self, outputs: np.ndarray, targets: np.ndarray, val: Split) -> dict[str, float]:
+        sources = [record.source for record in _cache(val).records]
+        return {"loss": float(np.mean(outputs[:, 1])), **dice_summary(outputs[:, 0], sources)}
+
+    def describe(self, row: dict[str, Any]) -> str:
+        per_source = " ".join(
+            f"{s} {row[f'val_dice_{s}']:.4f}"
+            for s in SOURCES
+            if not math.isnan(row[f"val_dice_{s}"])
+        )
+        return (
+            f"loss {row['train_loss']:.4f} dice {row['train_dice']:.4f} | val loss "
+            f"{row['val_loss']:.4f} dice {row['val_dice']:.4f} (balanced "
+            f"{row['val_dice_balanced']:.4f}; {per_source})"
+        )
+
+    def metadata(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {k: row[k] for k in COLUMNS if k.startswith("val_dice")}
+
+    def result(self, best: dict[str, Any] | None) -> dict[str, float | None]:
+        keys = [k for k in COLUMNS if k.startswith("val_")]
+        return {k: best[k] if best else None for k in keys}
+
+    def log_setup(self) -> str:
+        return (
+            f"augmentation (image and mask): {describe(self.config.augment)}; sampler "
+            f"{self.config.sampling.sampler}; loss BCE + soft Dice"
+        )
+
+
+def _cache(split: Split) -> MaskCache:
+    assert isinstance(split, MaskCache)
+    return split

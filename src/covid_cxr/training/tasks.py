@@ -154,7 +154,7 @@ def register(name: str) -> Callable[[TaskFactory], TaskFactory]:
 
 def _load_builtin() -> None:
     # Importing the modules runs their @register decorators.
-    from covid_cxr.training import classification  # noqa: F401
+    from covid_cxr.training import classification, segmentation  # noqa: F401
 
 
 def available() -> list[str]:
