@@ -134,10 +134,11 @@ def export_onnx(model: nn.Module, info: ModelInfo, out: str | Path) -> CamHead |
 
 
 def max_logit_difference(model: nn.Module, onnx_path: str | Path, batch: np.ndarray) -> float:
-    """Largest |ONNX Runtime logit - PyTorch logit| over `batch` (N, 1, S, S)."""
+    """Largest |ONNX Runtime logit - PyTorch logit| over `batch` (N, 1, S, S); any output shape
+    (a logit per image, or per pixel for a segmenter)."""
     from covid_cxr.inference.runtime import OnnxRuntime
 
     with torch.inference_mode():
         expected = model.eval()(torch.from_numpy(batch)).numpy()
     actual = OnnxRuntime(Path(onnx_path), threads=None).logits(batch)
-    return float(np.max(np.abs(actual - expected)))
+    return float(np.max(np.abs(actual.reshape(-1) - expected.reshape(-1))))

@@ -289,7 +289,8 @@ class SegmentationTask:
 
     def result(self, best: dict[str, Any] | None) -> dict[str, float | None]:
         keys = [k for k in COLUMNS if k.startswith("val_")]
-        return {k: best[k] if best else None for k in keys}
+        # A source absent from validation has no Dice: null in metrics.json, not NaN.
+        return {k: None if not best or math.isnan(best[k]) else best[k] for k in keys}
 
     def log_setup(self) -> str:
         return (
