@@ -11,6 +11,7 @@ from covid_cxr.segmentation.masks import (
     bounding_box,
     dice,
     logits_to_image,
+    lung_mask,
     mask_to_input,
     overlay,
     postprocess,
@@ -93,3 +94,19 @@ def test_dice_summary_balances_sources() -> None:
     assert summary["dice_balanced"] == pytest.approx(0.7)
     assert summary["dice_jsrt"] == 1.0 and summary["dice_ieee8023"] == pytest.approx(0.4)
     assert np.isnan(summary["dice_openist"])
+
+
+def test_lung_mask_cleans_at_model_size_and_returns_the_radiograph_size() -> None:
+    config = PreprocessConfig(size=40)
+    mask = _box((40, 40), 5, 3, 35, 15) | _box((40, 40), 5, 22, 30, 37)
+    mask[15:20, 6:10] = False  # hole
+    mask[37:39, 37:39] = True  # speck
+    logits = np.where(mask, 4.0, -4.0)
+    lungs = lung_mask(logits, (400, 320), config)
+    assert lungs.mask.shape == (400, 320) and lungs.components == 2
+    expected = _box((40, 40), 5, 3, 35, 15) | _box((40, 40), 5, 22, 30, 37)
+    truth = np.kron(expected, np.ones((10, 8), bool))
+    assert dice(lungs.mask, truth) > 0.98
+    assert not lungs.mask[375:390, 300:312].any()  # speck gone
+    assert lungs.mask[150:200, 48:80].all()  # hole filled
+    assert lungs.area_fraction == pytest.approx(lungs.mask.mean())

@@ -1,8 +1,9 @@
 """`LungSegmenter`: lung masks from radiographs with an exported segmenter, without torch.
 
-It repeats the model's own preprocessing (from the ONNX metadata), runs ONNX Runtime, maps the
-logits back to the radiograph's own size and post-processes (two largest components, holes
-filled). One instance can be shared by threads (`InferenceSession.run` is thread-safe).
+It repeats the model's own preprocessing (from the ONNX metadata), runs ONNX Runtime,
+post-processes (two largest components, holes filled) and maps the mask back to the
+radiograph's own size. One instance can be shared by threads (`InferenceSession.run` is
+thread-safe).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from covid_cxr.errors import ModelError
 from covid_cxr.imaging import Radiograph, preprocess, read_radiograph
 from covid_cxr.inference.metadata import INPUT, LOGIT, parse_metadata
 from covid_cxr.paths import shipped_model
-from covid_cxr.segmentation.masks import LungMask, logits_to_image, postprocess
+from covid_cxr.segmentation.masks import LungMask, lung_mask
 
 DEFAULT_SEGMENTER = shipped_model("covid-cxr-lungs.onnx")
 TASK = "segmentation"
@@ -84,7 +85,4 @@ class LungSegmenter:
         config = self.info.preprocess
         batch = np.stack([preprocess(p, config) for p in pixels])[:, None]
         logits = self.logits(batch)
-        return [
-            postprocess(logits_to_image(logit, p.shape, config))
-            for logit, p in zip(logits, pixels, strict=True)
-        ]
+        return [lung_mask(logit, p.shape, config) for logit, p in zip(logits, pixels, strict=True)]
