@@ -68,6 +68,7 @@ sampler = "source_balanced"
 epoch_size = 8
 [runtime]
 decode_workers = 0
+threads = 1
 eval_batch_size = 8
 """
 
