@@ -129,6 +129,7 @@ def test_segment_evaluate_writes_a_report(shipped: Path, datasets: Path, tmp_pat
     by_source = {s["source"]: s for s in metrics["summaries"]}
     assert by_source["jsrt"]["n"] == 2 and by_source["all"]["patients"] == 2
     assert 0.5 < by_source["jsrt"]["mean"] <= 1.0
+    assert 0.5 < by_source["jsrt"]["area_ratio"] < 1.5
     assert by_source["jsrt"]["ci_low"] <= by_source["jsrt"]["mean"] <= by_source["jsrt"]["ci_high"]
     assert (out / "report.md").read_text().startswith("# Lung segmenter")
     assert (out / "dice.png").is_file() and (out / "report.html").is_file()

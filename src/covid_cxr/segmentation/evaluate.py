@@ -36,13 +36,16 @@ class ImageDice:
     source: str
     patient_id: str
     dice: float
-    area_fraction: float
+    area_fraction: float  # predicted lung share of the image
+    truth_fraction: float  # published mask's lung share
     components: int
 
 
 @dataclass(frozen=True)
 class DiceSummary:
-    """Mean Dice of one source (or "all") with its 95% CI, and the spread of the images."""
+    """Mean Dice of one source (or "all") with its 95% CI, the spread of the images, and the
+    mean ratio of predicted to published lung area (below 1: the model draws less lung than
+    the annotators, e.g. leaves out the lung behind the heart that V7 Labs masks include)."""
 
     source: str
     n: int
@@ -53,6 +56,7 @@ class DiceSummary:
     median: float
     p05: float
     minimum: float
+    area_ratio: float
     goal: float | None
 
 
@@ -86,6 +90,7 @@ def summarise(images: list[ImageDice], source: str, resamples: int, seed: int = 
         median=float(np.median(values)),
         p05=float(np.percentile(values, 5)),
         minimum=float(values.min()),
+        area_ratio=float(np.mean([i.area_fraction / max(i.truth_fraction, 1e-9) for i in chosen])),
         goal=GOALS.get(source),
     )
 
@@ -113,6 +118,7 @@ def evaluate_segmenter(
             record.patient_id,
             dice(lungs.mask, truth),
             lungs.area_fraction,
+            float(truth.mean()),
             lungs.components,
         )
 
@@ -191,11 +197,16 @@ def _document(evaluation: SegmentationEvaluation, figure: Path) -> Document:
                 f"{s.median:.4f}",
                 f"{s.p05:.4f}",
                 f"{s.minimum:.4f}",
+                f"{s.area_ratio:.3f}",
                 goal,
             ]
         )
     header = ["source", "mask convention", "images", "patients", "mean Dice (95% CI)"]
-    doc.table([*header, "median", "5th pct", "min", "goal"], rows)
+    doc.table([*header, "median", "5th pct", "min", "area ratio", "goal"], rows)
+    doc.paragraph(
+        "Area ratio: mean of predicted / published lung area per image (below 1: the model "
+        "draws less lung than the annotators)."
+    )
     doc.image(figure, "Dice per image and source")
     doc.heading("Lowest Dice")
     worst = sorted(evaluation.images, key=lambda i: i.dice)[:10]
