@@ -206,6 +206,7 @@ def _secondary_capture(
         sc.PatientOrientation = None  # type 2: empty rather than a guess
     if source is not None and "SpecificCharacterSet" in source:
         sc.SpecificCharacterSet = source.SpecificCharacterSet
+    sc.ConversionType = "WSD"  # made by a workstation (software), not digitised film or video
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = RESEARCH_NOTICE
     sc.DerivationDescription = (
