@@ -36,7 +36,9 @@ import numpy as np
 import psutil
 
 from covid_cxr.paths import DEFAULT_MODEL, data_root
-from covid_cxr.service.launcher import start_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from server_launcher import start_server  # the tests' launcher, shared
 
 GOAL_RPS, GOAL_P99_MS, GOAL_LEVEL, GOAL_RSS = 60.0, 150.0, 16, 1024**3
 
