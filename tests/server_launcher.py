@@ -1,6 +1,7 @@
 """Start `covid-cxr serve` in a subprocess on a free loopback port and wait until it is ready.
 
-For the tests, the load test and scripts that need a real server rather than an app object.
+For the tests that need a real server rather than an app object (limits, streaming, the
+browser), and for benchmarks/load_test.py, which puts this folder on sys.path.
 """
 
 from __future__ import annotations
