@@ -54,7 +54,9 @@ class SlowEngine:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    def analyse(self, upload: UploadedFile, cam: bool, preview: bool) -> schemas.Prediction:
+    def analyse(
+        self, upload: UploadedFile, cam: bool, preview: bool, dicom: bool = False
+    ) -> schemas.Prediction:
         time.sleep(self.seconds)
         return schemas.Prediction(
             filename=upload.filename,
@@ -72,7 +74,9 @@ class SlowEngine:
 
 
 class BrokenEngine(SlowEngine):
-    def analyse(self, upload: UploadedFile, cam: bool, preview: bool) -> schemas.Prediction:
+    def analyse(
+        self, upload: UploadedFile, cam: bool, preview: bool, dicom: bool = False
+    ) -> schemas.Prediction:
         raise RuntimeError(f"bug while reading {upload.filename}")
 
 
