@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from covid_cxr import RESEARCH_NOTICE, __version__
-from covid_cxr.data.manifest import ManifestRow, load_labelled
+from covid_cxr.data.manifest import ManifestRow, load_labelled, shown_path
 from covid_cxr.errors import CovidCxrError, DataError, ModelError
 from covid_cxr.evaluation import plots
 from covid_cxr.evaluation.bootstrap import CI_LEVEL, cluster_ids
@@ -94,7 +94,7 @@ def _describe(rows: Sequence[ManifestRow]) -> dict[str, Any]:
 
 
 def _failures(scored: Scored) -> list[dict[str, str]]:
-    return [{"path": f.source, "reason": f.reason} for f in scored.unreadable]
+    return [{"path": shown_path(f.source), "reason": f.reason} for f in scored.unreadable]
 
 
 def _subset(
@@ -282,7 +282,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     if o.store:
         new_info = store_thresholds(predictor.path, thresholds, primary)
         stored = {
-            "path": str(predictor.path),
+            "path": shown_path(predictor.path),
             "thresholds": new_info.thresholds,
             "operating_point": new_info.operating_point,
         }
@@ -292,7 +292,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
         "covid_cxr_version": __version__,
         "model": {
-            "path": str(predictor.path.resolve()),
+            "path": shown_path(predictor.path),
             "runtime": predictor.runtime.kind,
             "name": info.name,
             "options": info.options,
@@ -302,7 +302,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
             "operating_point": info.operating_point,
         },
         "data": {
-            "path": str(o.data),
+            "path": shown_path(o.data),
             "split": split,
             "listed": len(rows),
             "scored": len(scored.rows),
@@ -339,7 +339,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
             {
                 "error": "false positive" if scored.rows[i].target == 0 else "false negative",
                 "probability": float(p[i]),
-                "path": str(scored.rows[i].path),
+                "path": shown_path(scored.rows[i].path),
                 "label": scored.rows[i].label,
                 "source": scored.rows[i].source,
                 "patient_id": scored.rows[i].patient_id,
