@@ -170,12 +170,11 @@ class Engine:
         """SR and SC in memory (never written here); the SC shows the heat map when the model
         has one, else the radiograph, at the size the `cam` image has."""
         from covid_cxr.dicom import build_results
+        from covid_cxr.imaging.preprocess import grey_to_uint8
 
         if heat_rgb is None:
-            grey = _fit(radiograph.pixels, self.settings.image_max_side)
-            heat_rgb = np.repeat(
-                (np.clip(grey, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None], 3, 2
-            )
+            grey = grey_to_uint8(_fit(radiograph.pixels, self.settings.image_max_side))
+            heat_rgb = np.repeat(grey[..., None], 3, axis=2)
         built = build_results(
             radiograph,
             result,
