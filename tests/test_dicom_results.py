@@ -245,6 +245,10 @@ def test_api_returns_the_same_objects_with_dicom_true(hannover: list[Path]) -> N
             data={"dicom": "true"},
         )
         plain = client.post("/api/v1/predict", files={"file": ("h.dcm", data)})
+        batch = client.post(
+            "/api/v1/predict/batch?dicom=true",
+            files=[("files", ("a.dcm", data)), ("files", ("b.png", hannover[1].read_bytes()))],
+        )
         refused = client.post("/api/v1/predict?dicom=1", files={"file": ("x.dcm", without_study)})
     assert (answer.status_code, png.status_code, plain.status_code) == (200, 200, 200), answer.text
     body = answer.json()
@@ -263,6 +267,9 @@ def test_api_returns_the_same_objects_with_dicom_true(hannover: list[Path]) -> N
     assert values["images"] == [source.SOPInstanceUID]
     assert body["cam"] is None  # the heat map travels in the SC only, unless cam=true
     assert png.json()["dicom"]["new_study"] and plain.json()["dicom"] is None
+    items = [item["result"]["dicom"] for item in batch.json()["results"]]
+    assert [item["new_study"] for item in items] == [False, True]
+    assert items[0]["study_instance_uid"] == source.StudyInstanceUID
     assert refused.status_code == 422
     assert refused.json()["error"]["code"] == "missing_uid"
     assert "StudyInstanceUID" in refused.json()["error"]["message"]
