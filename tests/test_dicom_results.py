@@ -30,7 +30,7 @@ from imaging_helpers import make_dicom
 
 HANNOVER = "covid-19-image-repository/png"
 SYNTHETIC_PATIENT = {
-    "PatientName": "Synthetic^Hannover",
+    "PatientName": "Synthetic^Jürgen",  # non-ASCII: the character set travels too
     "PatientID": "SYN-0001",
     "PatientBirthDate": "19600101",
     "PatientSex": "O",
@@ -62,6 +62,7 @@ def dicom_of(png: Path, **extra: Any) -> bytes:
         "StudyInstanceUID": generate_uid(),
         "SeriesInstanceUID": generate_uid(),
         "PatientOrientation": ["L", "F"],
+        "SpecificCharacterSet": "ISO_IR 192",
         **SYNTHETIC_PATIENT,
         **extra,
     }
