@@ -181,6 +181,19 @@ def test_installed_wheel_predicts_without_torch(
     assert {path.name for path in out.iterdir()} == expected
     assert not (tmp_path / "home" / DEVICE_ID).exists()  # no ONNX Runtime device id
 
+    # Training needs the [train] set: a one-line error saying so, not a traceback.
+    config = REPO_ROOT / "configs" / "train" / "seed.toml"
+    train = subprocess.run(
+        [str(installed.script), "train", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=elsewhere,
+        timeout=60,
+    )
+    assert train.returncode == 2 and "Traceback" not in train.stderr
+    assert "pip install 'covid-cxr[train]'" in train.stderr
+
 
 @pytest.mark.slow
 def test_installed_wheel_serves_without_torch(
