@@ -43,7 +43,7 @@ from covid_cxr.evaluation.metrics import assess
 from covid_cxr.evaluation.thresholds import balanced_youden_threshold
 from covid_cxr.inference.metadata import read_metadata
 from covid_cxr.inference.predictor import Predictor
-from covid_cxr.inference.runtime import sigmoid
+from covid_cxr.numeric import sigmoid
 
 HELD_OUT = {
     "a: Hannover + JSRT + OpenIST": {"hannover", "jsrt", "openist-normal"},
