@@ -124,8 +124,9 @@ def test_sr_and_sc_of_a_dicom_round_trip(
     source = pydicom.dcmread(io.BytesIO(data))
     prediction, rgb = predict(predictor, data, "hannover.dcm")
     header = prediction.radiograph.dataset
+    point = predictor.operating_point
     results = build_results(
-        prediction.radiograph, prediction, rgb, predictor.info, operating_point="youden"
+        prediction.radiograph, prediction, rgb, predictor.info, operating_point=point
     )
     sr_path, sc_path = write_results(results, tmp_path / "out", "hannover")
     assert (sr_path, sc_path) == result_files(tmp_path / "out", "hannover")
@@ -155,7 +156,7 @@ def test_sr_and_sc_of_a_dicom_round_trip(
     assert values["COVID-19"] == verdict
     assert set(values["Algorithm Name"]) == {predictor.info.name}
     assert set(values["Algorithm Version"]) == {predictor.info.version}
-    assert "operating point youden" in values["Algorithm Parameters"]
+    assert f"operating point {point}" in values["Algorithm Parameters"]
     assert RESEARCH_NOTICE in values["Comment"]
     assert values["images"] == [header.SOPInstanceUID]
     source_uids = (header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID)

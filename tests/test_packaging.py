@@ -255,6 +255,12 @@ def test_model_card_header_states_the_weights_licence_and_metrics() -> None:
     assert "non-commercial" in header["license_details"]
     licences = " ".join(d["license"] for d in header["datasets"])
     assert "CC BY-NC" in licences and "CC BY 3.0" in licences
+    # The header describes the model actually shipped (a new model needs a new header).
+    predictor = covid_cxr.Predictor()
+    assert header["model_version"] == predictor.version
+    point = header["operating_point"]
+    assert point["name"] == predictor.operating_point
+    assert point["threshold"] == pytest.approx(predictor.threshold, abs=5e-4)
     headline = header["metrics"][0]["roc_auc"]
     assert headline["ci95"][0] <= headline["value"] <= headline["ci95"][1]
     citation = yaml.safe_load((REPO_ROOT / "CITATION.cff").read_text(encoding="utf-8"))
