@@ -10,10 +10,12 @@ bounded number of images ahead of the model, so memory stays flat however many f
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import glob
 import os
 import stat
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from covid_cxr.errors import failure_reason
-from covid_cxr.imaging.read import read_radiograph
+from covid_cxr.imaging.read import Radiograph, read_radiograph
 from covid_cxr.inference.predictor import Prediction, Predictor, PreparedImage
 
 # What a folder walk picks up; files named explicitly or by a glob are always tried.
@@ -57,7 +59,7 @@ class Limits:
     max_bytes: int | None = None
     max_pixels: int | None = None
 
-    def read(self, path: Path) -> object:
+    def read(self, path: Path) -> Radiograph:
         options = {k: v for k, v in vars(self).items() if v is not None}
         return read_radiograph(path, **options)
 
@@ -195,7 +197,10 @@ def predict_files(
     limits = limits or Limits()
 
     def prepare(path: Path) -> PreparedImage:
-        return predictor.prepare(limits.read(path))
+        start = time.perf_counter()
+        radiograph = limits.read(path)
+        read_ms = (time.perf_counter() - start) * 1000.0
+        return dataclasses.replace(predictor.prepare(radiograph), read_ms=read_ms)
 
     prepared = map_ordered(prepare, files, workers=workers, ahead=2 * batch_size)
     good_count = 0
