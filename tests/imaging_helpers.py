@@ -159,3 +159,12 @@ def zeros_after_meta(dicom: bytes, zero_bytes: int) -> bytes:
     that walks them element by element."""
     meta, dataset = _split_after_meta(dicom)
     return meta + bytes(zero_bytes) + dataset
+
+
+def zeros_in_sequence(dicom: bytes, zero_bytes: int) -> bytes:
+    """A DICOM file whose first element is a sequence of undefined length holding one item of
+    `zero_bytes` zeros: the same CPU burn, where pydicom's stop_when hook is never consulted."""
+    meta, dataset = _split_after_meta(dicom)
+    sequence = b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"  # (0008,1115), undefined length
+    item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    return meta + sequence + item + bytes(zero_bytes) + dataset

@@ -38,6 +38,7 @@ from imaging_helpers import (
     make_dicom,
     patched,
     zeros_after_meta,
+    zeros_in_sequence,
 )
 from service_helpers import service_model
 
@@ -93,7 +94,10 @@ def _photometric(value: str) -> Callable[[np.ndarray], bytes]:
 HOSTILE = {
     "deflate-bomb-1GiB": Hostile(deflate_bomb, ImageTooLargeError, "inflates to more than"),
     "zeros-after-header-19MB": Hostile(
-        lambda px: zeros_after_meta(make_dicom(px), 19 * MIB), CorruptImageError, "starts with"
+        lambda px: zeros_after_meta(make_dicom(px), 19 * MIB), CorruptImageError, "group 0000"
+    ),
+    "zeros-inside-a-sequence-19MB": Hostile(
+        lambda px: zeros_in_sequence(make_dicom(px), 19 * MIB), CorruptImageError, "group 0000"
     ),
     "window-width-0": Hostile(
         _dicom(WindowCenter=2000, WindowWidth=0), CorruptImageError, "Window Width is 0"

@@ -3,8 +3,8 @@
 Every check that can be made from the header runs before a pixel is decoded:
 - a deflated dataset is inflated with a cap derived from the pixel limit (a 1 MB file can
   inflate to gigabytes);
-- the header is parsed with a guard that stops at the first element no real file holds
-  (group 0000, which is what a run of zeros parses as) and after MAX_ELEMENTS elements;
+- the element headers are walked (dicom_scan) before pydicom parses them, refusing the first
+  element no real file holds (group 0000, which is what a run of zeros parses as);
 - Rows x Columns against the pixel limit, and Rows x Columns x SamplesPerPixel x
   BitsAllocated / 8 against the length of the uncompressed pixel data.
 The modality LUT (rescale or LUT sequence) and the VOI LUT (window or LUT sequence) are applied
@@ -28,6 +28,7 @@ from covid_cxr.errors import (
     NotAnImageError,
     UnsupportedImageError,
 )
+from covid_cxr.imaging.dicom_scan import NotAHeader, looks_explicit, scan
 from covid_cxr.imaging.read import (
     _EXPORT_AGAIN,
     _LUMA,
@@ -41,18 +42,11 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 # Bytes a header may add to the pixel data once inflated (a real header is a few kB; overlays
 # and private blobs can reach a few MB).
 HEADER_BYTES = 16 * 2**20
-# Top-level header elements: real files hold a few hundred.
-MAX_ELEMENTS = 20_000
-PIXEL_DATA = 0x7FE00010
 _FIX_DISPLAY = "export the image without the broken window / LUT (or with the default display)"
 _ACCEPTED = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}
 # DICOM's other defined terms (PS3.3 C.7.6.3.1.2): safe to name, they are not free text.
 _KNOWN = _ACCEPTED | {"PALETTE COLOR", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "HSV", "ARGB", "CMYK"}
 _VOI_FUNCTIONS = {"LINEAR", "LINEAR_EXACT", "SIGMOID"}
-
-
-class _NotDicom(Exception):
-    """The header parser met bytes no DICOM writer produces."""
 
 
 def read_dicom(
@@ -95,10 +89,10 @@ def read_dicom(
 
 
 def _plain(data: bytes, label: str, max_pixels: int, preamble: bool) -> bytes:
-    """The file with its dataset inflated (when deflated), refused when that dataset starts in
-    group 0000: never in a file, and what a run of zeros parses as (pydicom would walk it
-    element by element, ~0.5 s a MB, before the stop_when guard is consulted)."""
+    """The file with its dataset inflated (when deflated), refused when its element headers
+    hold what no DICOM file does (dicom_scan: a run of zeros costs pydicom ~0.5 s a MB)."""
     from pydicom.filereader import _read_file_meta_info
+    from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
     stream = io.BytesIO(data)
     stream.seek(132 if preamble else 0)
@@ -109,14 +103,20 @@ def _plain(data: bytes, label: str, max_pixels: int, preamble: bool) -> bytes:
             raise _not_an_image(label) from None
         raise CorruptImageError(label, "damaged DICOM file meta header", _EXPORT_AGAIN) from exc
     start = stream.tell()
-    if meta.get("TransferSyntaxUID") == DEFLATED:
+    syntax = meta.get("TransferSyntaxUID")
+    if syntax == DEFLATED:
         data, start = _inflate(data, meta, start, label, max_pixels)
-    if data[start : start + 2] == b"\x00\x00":
-        if not preamble:
-            raise _not_an_image(label)
-        raise CorruptImageError(
-            label, "the DICOM dataset starts with bytes no DICOM file holds", _EXPORT_AGAIN
+    if syntax != ExplicitVRBigEndian:
+        implicit = syntax == ImplicitVRLittleEndian or (
+            syntax is None and not looks_explicit(data, start)
         )
+        try:
+            scan(data, start, implicit=implicit)
+        except NotAHeader as exc:
+            if not preamble:
+                raise _not_an_image(label) from None
+            reason = f"the DICOM header holds {exc}, which no DICOM file contains"
+            raise CorruptImageError(label, reason, _EXPORT_AGAIN) from None
     return data
 
 
@@ -157,31 +157,12 @@ def _inflate(data: bytes, meta: Any, start: int, label: str, max_pixels: int) ->
     return b"".join([header, *chunks]), len(header)
 
 
-class _Guard:
-    """pydicom's stop_when hook: gives up on bytes that are not a header, never stops early."""
-
-    def __init__(self) -> None:
-        self.elements = 0
-
-    def __call__(self, tag: Any, vr: str | None, length: int) -> bool:
-        self.elements += 1
-        if tag >> 16 == 0 or self.elements > MAX_ELEMENTS:
-            raise _NotDicom
-        return False
-
-
 def _parse(data: bytes, label: str, preamble: bool) -> Any:
-    from pydicom.filereader import read_partial
+    import pydicom
 
     try:
-        ds = read_partial(io.BytesIO(data), _Guard(), force=not preamble)
+        ds = pydicom.dcmread(io.BytesIO(data), force=not preamble)
         has_pixels = "PixelData" in ds
-    except _NotDicom:
-        if not preamble:
-            raise _not_an_image(label) from None
-        raise CorruptImageError(
-            label, "the DICOM header holds data no DICOM file contains", _EXPORT_AGAIN
-        ) from None
     except Exception as exc:
         if not preamble:
             raise _not_an_image(label) from None
@@ -265,7 +246,10 @@ def _check_pixel_length(ds: Any, label: str, rows: int, columns: int) -> None:
     """Uncompressed pixel data must hold what the header declares, before numpy allocates it."""
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         return
-    bits = rows * columns * int(ds.get("SamplesPerPixel") or 1) * int(ds.BitsAllocated)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if str(ds.PhotometricInterpretation).strip().upper() == "YBR_FULL_422":
+        samples = 2  # chroma subsampled: two values a pixel on average
+    bits = rows * columns * samples * int(ds.BitsAllocated)
     needed = math.ceil(bits / 8)
     held = len(ds.PixelData)
     if held < needed:

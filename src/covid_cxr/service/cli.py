@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("--max-upload-mb", type=float, help="largest file accepted (default 20)")
     add("--max-batch-files", type=int, help="most files in one batch request (default 16)")
     add("--max-batch-mb", type=float, help="largest batch request (default 100)")
-    add("--max-pixels", type=int, help="largest image in pixels (default 20,000,000)")
+    add("--max-pixels", type=int, help="largest image in pixels (default 4096 x 4096)")
     add(
         "--api-key",
         help="require this X-API-Key for /api/* (prefer COVID_CXR_API_KEY: the command line "
