@@ -168,3 +168,9 @@ def zeros_in_sequence(dicom: bytes, zero_bytes: int) -> bytes:
     sequence = b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"  # (0008,1115), undefined length
     item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
     return meta + sequence + item + bytes(zero_bytes) + dataset
+
+
+def relabelled(dicom: bytes, uid: str) -> bytes:
+    """The same DICOM file claiming transfer syntax `uid` (the dataset itself unchanged)."""
+    meta, dataset = _split_after_meta(dicom)
+    return with_transfer_syntax(meta, uid) + dataset

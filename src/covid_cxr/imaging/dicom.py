@@ -21,6 +21,7 @@ import zlib
 from typing import Any
 
 import numpy as np
+from pydicom import config as dicom_config
 
 from covid_cxr.errors import (
     CorruptImageError,
@@ -37,6 +38,10 @@ from covid_cxr.imaging.read import (
     _check_size,
     _not_an_image,
 )
+
+# pydicom warns about invalid header values by quoting them (to stderr and its logger), and a
+# header value can be patient data: this reader checks the values it uses itself.
+dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 # Bytes a header may add to the pixel data once inflated (a real header is a few kB; overlays
@@ -235,9 +240,11 @@ def _check_decoder(ds: Any, label: str) -> None:
         decoder = None
     if decoder is None or not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) if decoder else "no decoder exists"
+        # A registered syntax by its name; anything else is a header value, not echoed.
+        name = syntax.name if syntax.name != str(syntax) else "(unregistered)"
         raise UnsupportedImageError(
             label,
-            f"DICOM transfer syntax {syntax.name or syntax} cannot be decoded here ({missing})",
+            f"DICOM transfer syntax {name} cannot be decoded here ({missing})",
             "export it uncompressed or as JPEG / JPEG 2000 / RLE Lossless",
         )
 
@@ -334,10 +341,10 @@ def _voi(pixels: np.ndarray, ds: Any, label: str) -> np.ndarray:
     """Modality values -> display values (PS3.3 C.11.2): LUT sequence, else the first window."""
     if "VOILUTSequence" in ds:
         return _lut(pixels, ds, "VOILUTSequence", label)
-    if "WindowCenter" not in ds and "WindowWidth" not in ds:
-        return pixels
     centre = _number(ds, "WindowCenter", math.nan, label)
     width = _number(ds, "WindowWidth", math.nan, label)
+    if math.isnan(centre) or math.isnan(width):  # no window, or half of one: nothing to apply
+        return pixels
     function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
     if function not in _VOI_FUNCTIONS:
         raise UnsupportedImageError(
