@@ -34,6 +34,7 @@ from covid_cxr.imaging.read import (
     _EXPORT_AGAIN,
     _LUMA,
     _SAVE_AS,
+    HEADER_BYTES,
     Radiograph,
     _check_size,
     _not_an_image,
@@ -44,9 +45,6 @@ from covid_cxr.imaging.read import (
 dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
-# Bytes a header may add to the pixel data once inflated (a real header is a few kB; overlays
-# and private blobs can reach a few MB).
-HEADER_BYTES = 16 * 2**20
 _FIX_DISPLAY = "export the image without the broken window / LUT (or with the default display)"
 _ACCEPTED = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}
 # DICOM's other defined terms (PS3.3 C.7.6.3.1.2): safe to name, they are not free text.

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from covid_cxr.inference.batch import Failure, Inputs
     from covid_cxr.inference.predictor import Prediction, Predictor
-    from covid_cxr.inference.writers import RowWriter
+    from covid_cxr.inference.writers import Format, RowWriter
 
 MAX_FILE_MB = 64.0
 DEFAULT_MAX_PIXELS = ServiceSettings.max_pixels
@@ -162,11 +162,12 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_format(args: argparse.Namespace) -> str:
+def _output_format(args: argparse.Namespace) -> Format:
     if args.format:
         return args.format
     suffix = args.output.suffix.lower() if args.output else ""
-    return {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix, "table")
+    formats: dict[str, Format] = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+    return formats.get(suffix, "table")
 
 
 def _cam_file(folder: Path, source: Path, used: set[str]) -> Path:
@@ -195,7 +196,7 @@ def _predictor(args: argparse.Namespace) -> Predictor:
     return predictor
 
 
-def _kept_rows(args: argparse.Namespace, fmt: str, inputs: Inputs) -> dict[str, dict]:
+def _kept_rows(args: argparse.Namespace, fmt: Format, inputs: Inputs) -> dict[str, dict]:
     """--resume: the earlier rows of predicted inputs, by path."""
     from covid_cxr.errors import ConfigError
     from covid_cxr.inference.writers import previous_rows
@@ -206,7 +207,7 @@ def _kept_rows(args: argparse.Namespace, fmt: str, inputs: Inputs) -> dict[str, 
         raise ConfigError("--resume needs --output with --format csv or jsonl")
     wanted = {str(path) for path in inputs.files}
     kept = {}
-    for row in previous_rows(args.output, fmt):  # type: ignore[arg-type]
+    for row in previous_rows(args.output, fmt):
         if row.get("path") in wanted:
             if row.get("error") is None:
                 kept[str(row["path"])] = row
@@ -273,13 +274,13 @@ def _predict_rows(
         bar.update()
 
 
-def _rows_to(args: argparse.Namespace, fmt: str, kept: list[dict]) -> AbstractContextManager:
+def _rows_to(args: argparse.Namespace, fmt: Format, kept: list[dict]) -> AbstractContextManager:
     """Where rows go: a RowFile for --output, else a RowWriter on stdout."""
     from covid_cxr.inference.writers import RowFile, RowWriter
 
     if args.output is not None:
-        return RowFile(args.output, fmt, kept, with_cam=args.cam is not None)  # type: ignore[arg-type]
-    return nullcontext(RowWriter(sys.stdout, fmt, with_cam=args.cam is not None))  # type: ignore[arg-type]
+        return RowFile(args.output, fmt, kept, with_cam=args.cam is not None)
+    return nullcontext(RowWriter(sys.stdout, fmt, with_cam=args.cam is not None))
 
 
 def _summary(tally: _Tally, inputs: Inputs, elapsed: float) -> str:
