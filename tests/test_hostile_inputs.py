@@ -30,7 +30,6 @@ from covid_cxr.errors import (
     UnsupportedImageError,
 )
 from covid_cxr.imaging import read_radiograph
-from covid_cxr.service.launcher import RunningServer, start_server
 from covid_cxr.service.settings import ServiceSettings
 from imaging_helpers import (
     deflate_bomb,
@@ -42,6 +41,7 @@ from imaging_helpers import (
     zeros_after_meta,
     zeros_in_sequence,
 )
+from server_launcher import RunningServer, start_server
 from service_helpers import service_model
 
 HANNOVER_PNG = "covid-19-image-repository/png/262a70ca.png"

@@ -121,6 +121,13 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--cam", type=Path, metavar="DIR", help="write Grad-CAM overlays here")
     parser.add_argument(
+        "--dicom-out",
+        type=Path,
+        metavar="DIR",
+        help="write DICOM results here: <stem>.sr.dcm (Structured Report) and <stem>.sc.dcm "
+        "(Grad-CAM Secondary Capture), in the input's study (PNG/JPEG inputs: a new study)",
+    )
+    parser.add_argument(
         "--batch-size", type=_positive, default=16, help="images per model call (default 16)"
     )
     parser.add_argument("--workers", type=_positive, default=2, help="decoding threads")
@@ -179,6 +186,36 @@ def _cam_file(folder: Path, source: Path, used: set[str]) -> Path:
     return folder / name
 
 
+def _dicom_results(
+    folder: Path, predictor: Predictor, path: Path, result: Prediction, used: set[str], bar: tqdm
+) -> bool:
+    """Write the SR and SC of one prediction (`--dicom-out`); False (reported) on failure."""
+    from covid_cxr.dicom import build_results, write_results
+    from covid_cxr.errors import RadiographError
+    from covid_cxr.explain.gradcam import overlay
+
+    stem, n = path.stem, 1
+    while stem in used:
+        n += 1
+        stem = f"{path.stem}.{n}"
+    used.add(stem)
+    assert result.cam is not None  # predicted with cam=True
+    rgb = overlay(result.radiograph.pixels, result.cam, crop=predictor.info.preprocess.crop)
+    try:
+        results = build_results(
+            result.radiograph,
+            result,
+            rgb,
+            predictor.info,
+            operating_point=predictor.operating_point,
+        )
+    except RadiographError as exc:
+        bar.write(f"covid-cxr predict: {path}: no DICOM results: {exc}", file=sys.stderr)
+        return False
+    write_results(results, folder, stem)
+    return True
+
+
 @dataclass
 class _Tally:
     predicted: int = 0
@@ -191,7 +228,7 @@ def _predictor(args: argparse.Namespace) -> Predictor:
     from covid_cxr.inference.predictor import Predictor
 
     predictor = Predictor(args.model, threads=args.threads, operating_point=args.operating_point)
-    if args.cam and not predictor.cam_available:
+    if (args.cam or args.dicom_out) and not predictor.cam_available:
         raise ModelError(predictor.runtime.cam_unavailable or "Grad-CAM unavailable")
     return predictor
 
@@ -254,12 +291,13 @@ def _predict_rows(
 
     limits = Limits(max_bytes=int(args.max_file_mb * 2**20), max_pixels=args.max_pixels)
     used_names: set[str] = set()
+    used_dicom: set[str] = set()
     results = predict_files(
         predictor,
         files,
         batch_size=args.batch_size,
         workers=args.workers,
-        cam=args.cam is not None,
+        cam=args.cam is not None or args.dicom_out is not None,
         limits=limits,
     )
     for path, result in results:
@@ -270,6 +308,10 @@ def _predict_rows(
         else:
             tally.predicted += 1
             cam_path = _save_cam(args, predictor, path, result, used_names)
+            if args.dicom_out is not None and not _dicom_results(
+                args.dicom_out, predictor, path, result, used_dicom, bar
+            ):
+                tally.failed += 1
         writer.write(record(str(path), result, cam_path))
         bar.update()
 
