@@ -287,6 +287,8 @@ def test_resume_refuses_what_it_cannot_read(
 ) -> None:
     assert main(["predict", str(folder), "--model", str(model), "--resume"]) == 2
     assert "--resume needs --output" in capsys.readouterr().err
+    assert main(["predict", str(folder), "--model", str(model), "--output", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
     notes = tmp_path / "notes.csv"
     notes.write_text("name,comment\nscan1,fine\n")
     argv = ["predict", str(folder), "--model", str(model), "--output", str(notes), "--resume"]

@@ -234,10 +234,13 @@ def _predictor(args: argparse.Namespace) -> Predictor:
 
 
 def _kept_rows(args: argparse.Namespace, fmt: Format, inputs: Inputs) -> dict[str, dict]:
-    """--resume: the earlier rows of predicted inputs, by path."""
+    """With --resume, the earlier rows of inputs predicted then, by path (and --output checked
+    before any work: a folder or a --resume without csv/jsonl output is a usage error)."""
     from covid_cxr.errors import ConfigError
     from covid_cxr.inference.writers import previous_rows
 
+    if args.output is not None and args.output.is_dir():
+        raise ConfigError(f"--output {args.output} is a folder; name the file to write")
     if not args.resume:
         return {}
     if args.output is None or fmt not in ("csv", "jsonl"):
