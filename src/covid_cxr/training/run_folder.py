@@ -51,10 +51,12 @@ class RunResult:
     unreadable: list[Unreadable]
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON layout: the kept epoch's figures at the top level, beside the rest."""
+        """The JSON layout: the kept epoch's figures at the top level, after how it was kept."""
         data = dataclasses.asdict(self)
-        best = data.pop("best")
-        return {**data, **best}
+        layout: dict[str, Any] = {}
+        for key, value in data.items():
+            layout.update(value if key == "best" else {key: value})
+        return layout
 
     def describe(self) -> str:
         figures = ", ".join(f"{k} {v:.4f}" for k, v in self.best.items() if v is not None)

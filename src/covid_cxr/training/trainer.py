@@ -81,7 +81,6 @@ class Trainer:
         self.progress = progress
         self._log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.task = tasks.create(config)
-        self.train_seconds, self.train_images = 0.0, 0
 
     def log(self, text: str) -> None:
         if self.context.main:
@@ -96,6 +95,7 @@ class Trainer:
 
     def _run(self) -> RunResult:
         started = time.perf_counter()
+        self.train_seconds, self.train_images = 0.0, 0  # this session's epochs, for img/s
         self._setup_process()
         parts, state = self._assemble()
         stopped_early = False
