@@ -25,6 +25,7 @@ def run_masks(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from covid_cxr.config import SplitConfig
+    from covid_cxr.data.manifest import shown_path
     from covid_cxr.data.masks import (
         read_mask_sources,
         split_masks,
@@ -43,7 +44,8 @@ def run_masks(args: argparse.Namespace) -> int:
         split = ", ".join(f"{s} {counts[source, s]}" for s in ("train", "val", "test"))
         print(f"{source}: {split}")
     for a, b, distance in masks.near_duplicates:
-        print(f"near duplicates (distance {distance}, kept in one split): {a} ~ {b}")
+        shown = f"{shown_path(a)} ~ {shown_path(b)}"
+        print(f"near duplicates (distance {distance}, kept in one split): {shown}")
     for item in masks.excluded:
         print(f"left out: {item.source}: {item.item}: {item.reason}")
     print(

@@ -30,7 +30,7 @@ from PIL import Image
 
 from covid_cxr.config import SplitConfig
 from covid_cxr.data.dedup import UnionFind, near_pairs, phashes
-from covid_cxr.data.manifest import _portable
+from covid_cxr.data.manifest import absolute, portable, shown_path
 from covid_cxr.data.sources import MISSING, UNREADABLE, Exclusion
 from covid_cxr.data.split import assign_groups
 from covid_cxr.data.tables import read_table
@@ -107,7 +107,7 @@ def _records_ieee8023(root: Path, out: MaskSet) -> None:
 def _add(out: MaskSet, image: Path, mask: Path, source: str, patient: str) -> None:
     for path in (image, mask):
         if not path.is_file():
-            out.excluded.append(Exclusion(source, str(path), MISSING, "file not on disk"))
+            out.excluded.append(Exclusion(source, shown_path(path), MISSING, "file not on disk"))
             return
     out.records.append(MaskRecord(image, mask, source, patient))
 
@@ -151,7 +151,8 @@ def read_mask_sources(root: Path, sources: Iterable[str] = SOURCES) -> MaskSet:
         if problem:
             kind = SIZE_MISMATCH if problem.startswith(SIZE_MISMATCH) else UNREADABLE
             kind = EMPTY_MASK if problem == EMPTY_MASK else kind
-            result.excluded.append(Exclusion(record.source, str(record.image), kind, problem))
+            excluded = Exclusion(record.source, shown_path(record.image), kind, problem)
+            result.excluded.append(excluded)
         else:
             result.records.append(record)
             hashes.append(hashed)
@@ -186,12 +187,12 @@ def split_masks(masks: MaskSet, config: SplitConfig) -> list[MaskRecord]:
 
 
 def write_mask_manifest(path: str | Path, records: Iterable[MaskRecord], root: Path) -> Path:
-    base = Path(root).resolve()
+    base = Path(root)
     with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
         for r in records:
-            image, mask = _portable(r.image, base), _portable(r.mask, base)
+            image, mask = portable(r.image, base), portable(r.mask, base)
             writer.writerow([image, mask, r.source, r.patient_id, r.split])
     return Path(path)
 
@@ -222,8 +223,8 @@ def load_mask_manifest(path: str | Path, root: Path | None = None) -> list[MaskR
         image, mask = Path(row["image"]), Path(row["mask"])
         records.append(
             MaskRecord(
-                image if image.is_absolute() else (base / image).resolve(),
-                mask if mask.is_absolute() else (base / mask).resolve(),
+                absolute(base / image),
+                absolute(base / mask),
                 row["source"],
                 row["patient_id"],
                 row["split"],
