@@ -133,3 +133,10 @@ def test_segment_evaluate_writes_a_report(shipped: Path, datasets: Path, tmp_pat
     assert by_source["jsrt"]["ci_low"] <= by_source["jsrt"]["mean"] <= by_source["jsrt"]["ci_high"]
     assert (out / "report.md").read_text().startswith("# Lung segmenter")
     assert (out / "dice.png").is_file() and (out / "report.html").is_file()
+
+
+def test_predict_refuses_the_segmenter(shipped: Path, datasets: Path, capsys) -> None:
+    """The segmenter ships beside the classifier; predicting with it is a clear usage error."""
+    code = main(["predict", str(datasets / REAL[0]), "--model", str(shipped)])
+    assert code == 2
+    assert "not a COVID-19 classifier" in capsys.readouterr().err

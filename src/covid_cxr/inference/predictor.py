@@ -113,6 +113,12 @@ class Predictor:
         self.path = resolve_model_path(model)
         self.runtime: Runtime = open_runtime(self.path, threads)
         self.info: ModelInfo = self.runtime.info
+        task = self.info.metadata.get("task", "classification")
+        if task != "classification":
+            raise ModelError(
+                f"{self.path}: a {task} model ({self.info.name}), not a COVID-19 classifier; "
+                "use `covid-cxr segment` / covid_cxr.segmentation.LungSegmenter for it"
+            )
         point = operating_point or self.info.operating_point
         if point not in self.info.thresholds:
             raise ModelError(
