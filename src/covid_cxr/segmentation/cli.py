@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "segment-evaluate",
         help="Dice of a lung segmenter on a lung-mask manifest, with a report",
         description="Dice per image at the radiograph's own size (post-processed masks) on one "
-        "split of a mask manifest (covid-cxr data masks), mean per source with 95%% bootstrap "
+        "split of a mask manifest (covid-cxr data masks), mean per source with 95% bootstrap "
         "CIs resampling patients; writes report.md, report.html, metrics.json and dice.png.",
     )
     evaluate.add_argument("--model", type=Path, help="segmenter .onnx (default: the shipped one)")
