@@ -20,7 +20,7 @@ OPTIONS = {"seed-cnn": {"size": 64}, "efficientnet-lite0": {}}
 SIDES = {"seed-cnn": 64, "efficientnet-lite0": 96}
 
 
-@pytest.mark.parametrize("name", models.available())
+@pytest.mark.parametrize("name", models.available("classification"))
 def test_grad_cam_on_every_factory_model(name: str) -> None:
     torch.manual_seed(0)
     model = models.create(name, pretrained=False, **OPTIONS.get(name, {}))

@@ -14,7 +14,7 @@ from covid_cxr.cli import main
 from covid_cxr.config import TrainConfig, load_config
 from covid_cxr.data.masks import load_mask_manifest, read_mask, write_mask_manifest
 from covid_cxr.errors import ConfigError, ModelError
-from covid_cxr.models import create
+from covid_cxr.models import available, create
 from covid_cxr.models.efficientnet_lite import pretrained_weights_path
 from covid_cxr.segmentation import LungMask, LungSegmenter
 from covid_cxr.segmentation.masks import dice
@@ -27,6 +27,8 @@ def test_forward_gives_one_logit_per_pixel_at_the_input_size() -> None:
         for size in (64, 96):
             assert model(torch.rand(2, 1, size, size)).shape == (2, 1, size, size)
     assert model.encoder.cam_layer is None
+    assert "lite0-unet" in available("segmentation")
+    assert "lite0-unet" not in available("classification")
 
 
 def test_encoder_starts_from_imagenet_and_drops_the_classifier() -> None:

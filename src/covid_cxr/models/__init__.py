@@ -1,8 +1,9 @@
 """Model registry: every architecture behind one factory, `create(name, **options)`.
 
-Every model takes a (N, 1, H, W) float batch in [0, 1] (the output of `preprocess`) and
-returns (N,) logits for "COVID-19". Each exposes `cam_layer`, the convolutional module
-Grad-CAM explains.
+Every model takes a (N, 1, H, W) float batch in [0, 1] (the output of `preprocess`).
+Classification models (the default task) return (N,) logits for "COVID-19" and expose
+`cam_layer`, the convolutional module Grad-CAM explains; segmentation models (registered with
+task="segmentation", e.g. "lite0-unet") return (N, 1, H, W) lung logits.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ if TYPE_CHECKING:
     from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_TASKS: dict[str, str] = {}
 
 
-def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register(
+    name: str, task: str = "classification"
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: make `factory(**options)` available as `create(name, ...)`; registering a
     different factory under a taken name warns (the later one wins)."""
 
@@ -28,6 +32,7 @@ def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             warnings.warn(f"model {name!r} registered twice; the later one wins", stacklevel=2)
         _REGISTRY[name] = factory
+        _TASKS[name] = task
         return factory
 
     return decorator
@@ -38,9 +43,10 @@ def _load_builtin() -> None:
     from covid_cxr.models import efficientnet_lite, seed_cnn, unet  # noqa: F401
 
 
-def available() -> list[str]:
+def available(task: str | None = None) -> list[str]:
+    """Registered model names, optionally only those of one task ("classification", ...)."""
     _load_builtin()
-    return sorted(_REGISTRY)
+    return sorted(name for name in _REGISTRY if task is None or _TASKS[name] == task)
 
 
 def accepts(name: str, option: str) -> bool:

@@ -76,7 +76,7 @@ class Lite0UNet(nn.Module):
         return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
 
 
-@register("lite0-unet")
+@register("lite0-unet", task="segmentation")
 def lite0_unet(
     pretrained: bool = True, dropout: float = 0.1, bn_momentum: float = 0.1, freeze_blocks: int = 0
 ) -> Lite0UNet:
