@@ -3,6 +3,7 @@ highdicom, UIDs, patient/study copied, references, new study for PNG, and `--dic
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import subprocess
@@ -29,7 +30,7 @@ from imaging_helpers import make_dicom
 
 HANNOVER = "covid-19-image-repository/png"
 SYNTHETIC_PATIENT = {
-    "PatientName": "Synthetic^Hannover",
+    "PatientName": "Synthetic^Jürgen",  # non-ASCII: the character set travels too
     "PatientID": "SYN-0001",
     "PatientBirthDate": "19600101",
     "PatientSex": "O",
@@ -61,6 +62,7 @@ def dicom_of(png: Path, **extra: Any) -> bytes:
         "StudyInstanceUID": generate_uid(),
         "SeriesInstanceUID": generate_uid(),
         "PatientOrientation": ["L", "F"],
+        "SpecificCharacterSet": "ISO_IR 192",
         **SYNTHETIC_PATIENT,
         **extra,
     }
@@ -122,8 +124,9 @@ def test_sr_and_sc_of_a_dicom_round_trip(
     source = pydicom.dcmread(io.BytesIO(data))
     prediction, rgb = predict(predictor, data, "hannover.dcm")
     header = prediction.radiograph.dataset
+    point = predictor.operating_point
     results = build_results(
-        prediction.radiograph, prediction, rgb, predictor.info, operating_point="youden"
+        prediction.radiograph, prediction, rgb, predictor.info, operating_point=point
     )
     sr_path, sc_path = write_results(results, tmp_path / "out", "hannover")
     assert (sr_path, sc_path) == result_files(tmp_path / "out", "hannover")
@@ -153,7 +156,7 @@ def test_sr_and_sc_of_a_dicom_round_trip(
     assert values["COVID-19"] == verdict
     assert set(values["Algorithm Name"]) == {predictor.info.name}
     assert set(values["Algorithm Version"]) == {predictor.info.version}
-    assert "operating point youden" in values["Algorithm Parameters"]
+    assert f"operating point {point}" in values["Algorithm Parameters"]
     assert RESEARCH_NOTICE in values["Comment"]
     assert values["images"] == [header.SOPInstanceUID]
     source_uids = (header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID)
@@ -224,3 +227,51 @@ def test_predict_cli_writes_dicom_results(hannover: list[Path], tmp_path: Path) 
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [sr_path.name, sc_path.name, png_sr.name, png_sc.name]
     )
+
+
+def test_api_returns_the_same_objects_with_dicom_true(hannover: list[Path]) -> None:
+    from covid_cxr.paths import DEFAULT_MODEL
+    from covid_cxr.service.engine import Engine
+    from covid_cxr.service.settings import ServiceSettings
+    from service_helpers import asgi_client, make_app
+
+    app = make_app(Engine.load(ServiceSettings(model=str(DEFAULT_MODEL))))
+    data = dicom_of(hannover[0])
+    source = pydicom.dcmread(io.BytesIO(data))
+    without_study = dicom_of(hannover[0], StudyInstanceUID="")
+    with asgi_client(app) as client:
+        answer = client.post("/api/v1/predict?dicom=true", files={"file": ("h.dcm", data)})
+        png = client.post(
+            "/api/v1/predict",
+            files={"file": ("h.png", hannover[1].read_bytes())},
+            data={"dicom": "true"},
+        )
+        plain = client.post("/api/v1/predict", files={"file": ("h.dcm", data)})
+        batch = client.post(
+            "/api/v1/predict/batch?dicom=true",
+            files=[("files", ("a.dcm", data)), ("files", ("b.png", hannover[1].read_bytes()))],
+        )
+        refused = client.post("/api/v1/predict?dicom=1", files={"file": ("x.dcm", without_study)})
+    assert (answer.status_code, png.status_code, plain.status_code) == (200, 200, 200), answer.text
+    body = answer.json()
+    results = body["dicom"]
+    sr = pydicom.dcmread(io.BytesIO(base64.b64decode(results["sr_base64"])))
+    sc = pydicom.dcmread(io.BytesIO(base64.b64decode(results["sc_base64"])))
+    assert sr.StudyInstanceUID == sc.StudyInstanceUID == source.StudyInstanceUID
+    assert results["study_instance_uid"] == source.StudyInstanceUID and not results["new_study"]
+    assert (results["sr_sop_instance_uid"], results["sc_sop_instance_uid"]) == (
+        sr.SOPInstanceUID,
+        sc.SOPInstanceUID,
+    )
+    assert sr.PatientID == sc.PatientID == "SYN-0001"
+    values = by_meaning(sr)
+    assert values["Probability of COVID-19"] == pytest.approx(body["probability"])
+    assert values["images"] == [source.SOPInstanceUID]
+    assert body["cam"] is None  # the heat map travels in the SC only, unless cam=true
+    assert png.json()["dicom"]["new_study"] and plain.json()["dicom"] is None
+    items = [item["result"]["dicom"] for item in batch.json()["results"]]
+    assert [item["new_study"] for item in items] == [False, True]
+    assert items[0]["study_instance_uid"] == source.StudyInstanceUID
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"] == "missing_uid"
+    assert "StudyInstanceUID" in refused.json()["error"]["message"]

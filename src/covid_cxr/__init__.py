@@ -16,8 +16,9 @@ RESEARCH_NOTICE = "Research use only, not a medical device."
 # read once when ONNX Runtime initialises, is the only switch that stops all of it (its
 # `disable_telemetry_events()` still writes the id and looks the host up), so it is set here,
 # before any covid-cxr code can load onnxruntime; child processes inherit it. Export
-# ORT_DISABLE_TELEMETRY=0 to leave ONNX Runtime's default alone.
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+# ORT_DISABLE_TELEMETRY=0 to leave ONNX Runtime's default alone (unset or empty means off).
+if not os.environ.get("ORT_DISABLE_TELEMETRY"):
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
 
 __all__ = ["RESEARCH_NOTICE", "Predictor", "__version__"]
 

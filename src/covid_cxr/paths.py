@@ -41,7 +41,9 @@ def shipped_model(name: str) -> Path:
     report "does not exist" with the place it was looked for.
     """
     resource = _shipped_resources().joinpath(name)
-    if isinstance(resource, Path) or not resource.is_file():
+    if isinstance(resource, Path):
+        return resource.resolve()
+    if not resource.is_file():
         return Path(str(resource))
     return _extracted.enter_context(resources.as_file(resource))
 
@@ -49,7 +51,8 @@ def shipped_model(name: str) -> Path:
 def __getattr__(name: str) -> Path:
     # Resolved on first use, not at import: a zipped package extracts nothing until needed.
     if name == "SHIPPED":
-        return Path(str(_shipped_resources()))
+        shipped = _shipped_resources()
+        return shipped.resolve() if isinstance(shipped, Path) else Path(str(shipped))
     if name == "DEFAULT_MODEL":
         return shipped_model(DEFAULT_MODEL_NAME)
     raise AttributeError(f"module 'covid_cxr.paths' has no attribute {name!r}")

@@ -14,7 +14,7 @@ BANNER_TEXT = (255, 255, 0)
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow built without FreeType: the fixed bitmap font
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the bitmap font
         return ImageFont.load_default()
 
 

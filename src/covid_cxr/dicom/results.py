@@ -54,6 +54,10 @@ SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPCl
 HEADER_EXTRAS = ("SpecificCharacterSet", "PatientOrientation")
 
 
+class MissingUidError(RadiographError):
+    """A DICOM input without the UIDs its results need to join its study (API: missing_uid)."""
+
+
 @dataclass(frozen=True)
 class DicomResults:
     """The two result objects (pydicom Datasets, highdicom subclasses) of one prediction."""
@@ -92,8 +96,8 @@ def build_results(
     operating_point: the threshold's name when the caller chose one other than the model's
         default (`Predictor.operating_point`).
 
-    Raises RadiographError for a DICOM input whose header lacks the UIDs needed to file
-    results in its study.
+    Raises MissingUidError (a RadiographError) for a DICOM input whose header lacks the UIDs
+    needed to file results in its study.
     """
     point = operating_point or model_info.operating_point
     source = _source_header(radiograph)
@@ -161,7 +165,7 @@ def _source_header(radiograph: Radiograph) -> Dataset | None:
         return None
     missing = [k for k in SOURCE_UIDS if not str(header.get(k, "") or "").strip()]
     if missing:
-        raise RadiographError(
+        raise MissingUidError(
             radiograph.source,
             f"the DICOM header has no {', '.join(missing)}, so results cannot be filed in its "
             "study",
@@ -206,6 +210,7 @@ def _secondary_capture(
         sc.PatientOrientation = None  # type 2: empty rather than a guess
     if source is not None and "SpecificCharacterSet" in source:
         sc.SpecificCharacterSet = source.SpecificCharacterSet
+    sc.ConversionType = "WSD"  # made by a workstation (software), not digitised film or video
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = RESEARCH_NOTICE
     sc.DerivationDescription = (
