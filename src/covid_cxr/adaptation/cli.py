@@ -95,14 +95,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"  unreadable: {failure.source}: {failure.reason}")
     info = result.info
     print(f"cross-validated by patient (95% CIs), at {info.operating_point} thresholds:")
-    rows = [("base model", result.base), ("adapted", result.adapted)]
+    rows = [("base model", result.fit.base), ("adapted", result.fit.adapted)]
     for label, figures in rows:
         if figures is not None:
             print(
                 f"  {label:<11} ROC-AUC {figures.roc_auc}  sensitivity {figures.sensitivity}  "
                 f"specificity {figures.specificity}"
             )
-    print(result.verdict)
+    print(result.fit.verdict)
     print(
         f"wrote {result.out} (version {info.version}, threshold {info.threshold:.3g} "
         f"[{info.operating_point}]) in {result.seconds:.1f} s"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from covid_cxr.adaptation.head import Basis, fit_head
 from covid_cxr.evaluation.metrics import score_metrics
@@ -66,7 +67,8 @@ def out_of_fold(
 def choose_c(x: np.ndarray, y: np.ndarray, clusters: np.ndarray, seed: int) -> float:
     """The inverse penalty with the best inner cross-validated AUC (the smaller on ties)."""
     folds = patient_folds(y, clusters, fold_count(y, clusters), seed)
-    logits = out_of_fold(x, y, folds, C_GRID)
+    with threadpool_limits(limits=1, user_api="blas"):
+        logits = out_of_fold(x, y, folds, C_GRID)
     aucs = np.array([roc_auc(y, row) for row in logits])
     return C_GRID[int(np.nanargmax(np.where(np.isnan(aucs), -1.0, aucs)))]
 
@@ -85,7 +87,18 @@ class CrossValidation:
 def cross_validate(
     x: np.ndarray, y: np.ndarray, clusters: np.ndarray, repeats: int, seed: int
 ) -> CrossValidation:
-    """Repeated stratified k-fold by patient, with the penalty chosen inside each fold."""
+    """Repeated stratified k-fold by patient, with the penalty chosen inside each fold.
+
+    BLAS runs single-threaded here: the matrices are small (n x n), and multi-threaded
+    OpenBLAS was 20-40x slower on a busy 2-core machine.
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _cross_validate(x, y, clusters, repeats, seed)
+
+
+def _cross_validate(
+    x: np.ndarray, y: np.ndarray, clusters: np.ndarray, repeats: int, seed: int
+) -> CrossValidation:
     k = fold_count(y, clusters)
     total = np.zeros(y.size)
     chosen: list[float] = []
