@@ -1,0 +1,163 @@
+"""`covid-cxr adapt` on real radiographs: a site the shipped model has never seen (OpenIST
+normal adults, a US teaching collection) against ieee8023 COVID-19 radiographs.
+
+Success: the written model is an ordinary model (Predictor, Grad-CAM, `predict`, the served
+/api/v1/model) carrying the site's record. Too few labels: a clear error, exit 2. Shuffled
+labels: cross-validation shows no gain, the base head is kept and the command says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from covid_cxr import RESEARCH_NOTICE
+from covid_cxr.cli import main
+from covid_cxr.inference.metadata import read_metadata
+from covid_cxr.inference.predictor import Predictor
+from covid_cxr.paths import DEFAULT_MODEL
+from covid_cxr.service.launcher import start_server
+
+FAST = ["--repeats", "2", "--bootstrap", "200"]
+
+
+def _site_rows(datasets: Path, per_class: int) -> list[tuple[Path, str, str]]:
+    """(path, label, patient_id): `per_class` COVID-19 PA images of distinct ieee8023 patients
+    and `per_class` OpenIST normals (one image per person)."""
+    ieee = datasets / "covid-chestxray-dataset"
+    with (ieee / "metadata.csv").open(newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    covid, seen = [], set()
+    for row in table:
+        path = ieee / row["folder"] / row["filename"]
+        if (
+            row["finding"] == "COVID-19"
+            and row["view"] == "PA"
+            and row["patientid"] not in seen
+            and path.is_file()
+        ):
+            seen.add(row["patientid"])
+            covid.append((path, "COVID", f"ieee-{row['patientid']}"))
+    normals = sorted((datasets / "openist-normal" / "images").glob("*.jpg"))
+    picked = random.Random(0).sample(normals, per_class)
+    return covid[:per_class] + [(p, "Normal", f"openist-{p.stem}") for p in picked]
+
+
+def _write_csv(path: Path, rows: list[tuple[Path, str, str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "patient_id"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapted(datasets: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A model adapted to 25 + 25 labelled radiographs, plus one unreadable file, and the
+    command's output."""
+    folder = tmp_path_factory.mktemp("adapt")
+    broken = folder / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    rows = [*_site_rows(datasets, 25), (broken, "Normal", "broken")]
+    data = _write_csv(folder / "site.csv", rows)
+    out = folder / "adapted.onnx"
+    result = subprocess.run(
+        [sys.executable, "-m", "covid_cxr.cli", "adapt", "--data", str(data), "--out", str(out),
+         "--site", "Test Hospital", *FAST],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return out, result.stdout
+
+
+def test_adapted_model_is_an_ordinary_model_with_the_site_record(
+    adapted: tuple[Path, str], datasets: Path
+) -> None:
+    out, stdout = adapted
+    assert "adapted head kept" in stdout
+    assert RESEARCH_NOTICE in stdout
+    assert "unreadable:" in stdout and "broken.png" in stdout  # listed, not dropped
+    predictor = Predictor(out)
+    base = Predictor(DEFAULT_MODEL)
+    info = predictor.info
+    record = info.metadata["adaptation"]
+    assert record["site"] == "Test Hospital"
+    assert record["counts"] == {"covid": 25, "non_covid": 25, "patients": 50, "unreadable": 1}
+    assert record["base_version"] == base.version and record["head"] == "refitted"
+    assert info.version.startswith(base.version + "+test-hospital-")
+    cv = record["cross_validation"]
+    assert cv["adapted"]["roc_auc"]["value"] > cv["base"]["roc_auc"]["value"]
+    assert info.operating_point == "youden" and 0 < info.threshold < 1
+    # Grad-CAM still works, from the rewritten CAM head, and the head really changed.
+    image = datasets / "jsrt" / "images" / "JPCNN001.png"
+    prediction = predictor.predict(image, cam=True)
+    assert prediction.cam is not None and prediction.cam.shape == (7, 7)
+    assert prediction.model_version == info.version
+    assert abs(prediction.probability - base.predict(image).probability) > 1e-4
+    _, head = read_metadata(out)
+    _, base_head = read_metadata(DEFAULT_MODEL)
+    assert head is not None and base_head is not None
+    assert not np.allclose(head.weight, base_head.weight)
+
+
+def test_predict_and_serve_take_the_adapted_model(
+    adapted: tuple[Path, str], datasets: Path, tmp_path: Path
+) -> None:
+    out, _ = adapted
+    image = datasets / "jsrt" / "images" / "JPCNN001.png"
+    csv_out = tmp_path / "p.csv"
+    assert main(["predict", str(image), "--model", str(out), "--format", "csv",
+                 "--output", str(csv_out)]) == 0  # fmt: skip
+    assert Predictor(out).version in csv_out.read_text(encoding="utf-8")
+    server = start_server(["--model", str(out), "--threads", "1"], tmp_path / "serve.log")
+    try:
+        card = httpx.get(f"{server.url}/api/v1/model", timeout=30).json()
+    finally:
+        server.stop()
+    assert Predictor(out).version in json.dumps(card)
+
+
+def test_too_few_labels_is_a_clear_error(
+    datasets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = _site_rows(datasets, 12)
+    data = _write_csv(tmp_path / "few.csv", rows[3:])  # 9 COVID-19, 12 normal
+    out = tmp_path / "never.onnx"
+    assert main(["adapt", "--data", str(data), "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    assert "9 COVID-19 and 12 non-COVID" in message and "at least 10 of each class" in message
+    assert not out.exists()
+
+
+def test_shuffled_labels_keep_the_base_head(
+    datasets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = _site_rows(datasets, 20)
+    labels = [label for _, label, _ in rows]
+    random.Random(3).shuffle(labels)
+    shuffled = [(path, label, pid) for (path, _, pid), label in zip(rows, labels, strict=True)]
+    data = _write_csv(tmp_path / "shuffled.csv", shuffled)
+    out = tmp_path / "threshold-only.onnx"
+    args = ["adapt", "--data", str(data), "--out", str(out), "--operating-point",
+            "sensitivity-0.90", *FAST]  # fmt: skip
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    assert "the base head is kept and only the site threshold is new" in stdout
+    info, head = read_metadata(out)
+    _, base_head = read_metadata(DEFAULT_MODEL)
+    assert head is not None and base_head is not None
+    np.testing.assert_array_equal(head.weight, base_head.weight)
+    assert info.metadata["adaptation"]["head"] == "base"
+    assert info.operating_point == "sensitivity_90"
+    image = datasets / "jsrt" / "images" / "JPCNN001.png"
+    assert Predictor(out).predict(image).probability == pytest.approx(
+        Predictor(DEFAULT_MODEL).predict(image).probability, abs=1e-6
+    )
