@@ -27,6 +27,13 @@ from covid_cxr.paths import DEFAULT_MODEL
 from covid_cxr.service.launcher import start_server
 
 FAST = ["--repeats", "2", "--bootstrap", "200"]
+# Runs `covid-cxr adapt` in a fresh interpreter, then names the heavy packages it imported.
+RUN_AND_LIST_IMPORTS = (
+    "import sys; from covid_cxr.cli import main; code = main(sys.argv[1:]); "
+    "heavy = ('torch', 'sklearn', 'matplotlib'); "
+    "print('IMPORTED:', sorted(m for m in heavy if m in sys.modules)); "
+    "sys.exit(code)"
+)
 
 
 def _site_rows(datasets: Path, per_class: int) -> list[tuple[Path, str, str]]:
@@ -70,8 +77,8 @@ def adapted(datasets: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     data = _write_csv(folder / "site.csv", rows)
     out = folder / "adapted.onnx"
     result = subprocess.run(
-        [sys.executable, "-m", "covid_cxr.cli", "adapt", "--data", str(data), "--out", str(out),
-         "--site", "Test Hospital", *FAST],
+        [sys.executable, "-c", RUN_AND_LIST_IMPORTS, "adapt", "--data", str(data),
+         "--out", str(out), "--site", "Test Hospital", *FAST],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -83,6 +90,7 @@ def test_adapted_model_is_an_ordinary_model_with_the_site_record(
 ) -> None:
     out, stdout = adapted
     assert "adapted head kept" in stdout
+    assert "IMPORTED: []" in stdout  # no torch, scikit-learn or matplotlib on this path
     assert RESEARCH_NOTICE in stdout
     assert "unreadable:" in stdout and "broken.png" in stdout  # listed, not dropped
     predictor = Predictor(out)
