@@ -14,6 +14,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from covid_cxr.adaptation.head import Basis, fit_head
+from covid_cxr.errors import DataError
 from covid_cxr.evaluation.metrics import score_metrics
 
 # Inverse penalties tried (scikit-learn's C); 1 is scikit-learn's default.
@@ -108,7 +109,10 @@ def _cross_validate(
             test = folds == fold
             train = ~test
             if min(int((y[train] == label).sum()) for label in (0, 1)) < 2:
-                raise ValueError("a training fold lost a class; too few patients per class")
+                raise DataError(
+                    "cross-validation left a training fold without one class: some patients "
+                    "have radiographs of both classes; give each patient one label"
+                )
             c = choose_c(x[train], y[train], clusters[train], seed + repeat)
             chosen.append(c)
             total[test] += fit_head(Basis.of(x[train]), y[train], c).logits(x[test])
