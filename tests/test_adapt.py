@@ -67,9 +67,9 @@ def _write_csv(path: Path, rows: list[tuple[Path, str, str]]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def adapted(datasets: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A model adapted to 25 + 25 labelled radiographs, plus one unreadable file, and the
-    command's output."""
+def adapted(datasets: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path]:
+    """A model adapted to 25 + 25 labelled radiographs plus one unreadable file, the command's
+    output, and the labelled CSV."""
     folder = tmp_path_factory.mktemp("adapt")
     broken = folder / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
@@ -82,13 +82,13 @@ def adapted(datasets: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    return out, result.stdout
+    return out, result.stdout, data
 
 
 def test_adapted_model_is_an_ordinary_model_with_the_site_record(
-    adapted: tuple[Path, str], datasets: Path
+    adapted: tuple[Path, str, Path], datasets: Path
 ) -> None:
-    out, stdout = adapted
+    out, stdout, _ = adapted
     assert "adapted head kept" in stdout
     assert "IMPORTED: []" in stdout  # no torch, scikit-learn or matplotlib on this path
     assert RESEARCH_NOTICE in stdout
@@ -116,15 +116,20 @@ def test_adapted_model_is_an_ordinary_model_with_the_site_record(
     assert not np.allclose(head.weight, base_head.weight)
 
 
-def test_predict_and_serve_take_the_adapted_model(
-    adapted: tuple[Path, str], datasets: Path, tmp_path: Path
+def test_predict_evaluate_and_serve_take_the_adapted_model(
+    adapted: tuple[Path, str, Path], datasets: Path, tmp_path: Path
 ) -> None:
-    out, _ = adapted
+    out, _, data = adapted
     image = datasets / "jsrt" / "images" / "JPCNN001.png"
     csv_out = tmp_path / "p.csv"
     assert main(["predict", str(image), "--model", str(out), "--format", "csv",
                  "--output", str(csv_out)]) == 0  # fmt: skip
     assert Predictor(out).version in csv_out.read_text(encoding="utf-8")
+    report = tmp_path / "evaluation"
+    assert main(["evaluate", "--model", str(out), "--data", str(data), "--out", str(report),
+                 "--bootstrap", "0", "--cam-errors", "2"]) == 0  # fmt: skip
+    metrics = json.loads((report / "metrics.json").read_text(encoding="utf-8"))
+    assert Predictor(out).version in json.dumps(metrics)
     server = start_server(["--model", str(out), "--threads", "1"], tmp_path / "serve.log")
     try:
         card = httpx.get(f"{server.url}/api/v1/model", timeout=30).json()
