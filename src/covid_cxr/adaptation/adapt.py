@@ -21,7 +21,7 @@ import numpy as np
 from covid_cxr.adaptation.features import LocalFeatures, extract_features
 from covid_cxr.adaptation.head import LinearHead
 from covid_cxr.adaptation.onnx_model import write_adapted
-from covid_cxr.adaptation.site import SiteFit, fit_site
+from covid_cxr.adaptation.site import SiteFit, fit_site, parse_operating_point
 from covid_cxr.data.manifest import load_labelled
 from covid_cxr.data.sources import Exclusion
 from covid_cxr.errors import DataError, ModelError
@@ -133,6 +133,7 @@ def _load(options: AdaptOptions) -> tuple[Predictor, LocalFeatures, list[Exclusi
 def adapt(options: AdaptOptions) -> AdaptResult:
     """Adapt the model to the site's labelled radiographs and write the adapted model."""
     start = time.perf_counter()
+    parse_operating_point(options.operating_point)  # refuse a bad option before any work
     predictor, local, excluded = _load(options)
     y, clusters = local.targets, _clusters(local.rows)
     check_counts(y, clusters, f"{options.data} (after {len(local.failures)} unreadable files)")
