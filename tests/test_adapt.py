@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 from covid_cxr import RESEARCH_NOTICE
+from covid_cxr.adaptation.crossval import patient_folds
+from covid_cxr.adaptation.head import Basis, fit_head, newton_logistic
 from covid_cxr.cli import main
 from covid_cxr.inference.metadata import read_metadata
 from covid_cxr.inference.predictor import Predictor
@@ -174,3 +176,26 @@ def test_shuffled_labels_keep_the_base_head(
     assert Predictor(out).predict(image).probability == pytest.approx(
         Predictor(DEFAULT_MODEL).predict(image).probability, abs=1e-6
     )
+
+
+def test_head_fit_in_the_span_equals_the_full_fit() -> None:
+    """The Newton fit in the span of the n rows gives the same head as a direct fit in all d
+    features, also when d > n (the tiny ridge on the intercept differs by centring)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 50)) + 1.0
+    y = (x[:, 0] - x[:, 1] + rng.normal(size=30) > 0).astype(np.int64)
+    head = fit_head(Basis.of(x), y, c=0.5)
+    design = np.hstack([np.ones((30, 1)), x])
+    full = newton_logistic(design, y.astype(float), np.r_[0.0, np.full(50, 1 / 0.5)])
+    np.testing.assert_allclose(head.weight, full[1:], atol=1e-5)
+    assert head.bias == pytest.approx(full[0], abs=1e-4)
+
+
+def test_patient_folds_keep_patients_together_and_spread_each_class() -> None:
+    clusters = np.repeat(np.arange(20), 3)  # 20 patients, 3 images each
+    y = (clusters < 8).astype(np.int64)  # 8 COVID-19 patients, 12 others
+    folds = patient_folds(y, clusters, 4, seed=1)
+    for patient in range(20):
+        assert np.unique(folds[clusters == patient]).size == 1
+    for fold in range(4):
+        assert (y[folds == fold] == 1).sum() == 6  # 2 COVID-19 patients x 3 images per fold
