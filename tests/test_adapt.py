@@ -91,7 +91,6 @@ def test_adapted_model_is_an_ordinary_model_with_the_site_record(
     adapted: tuple[Path, str, Path], datasets: Path
 ) -> None:
     out, stdout, _ = adapted
-    assert "adapted head kept" in stdout
     assert "IMPORTED: []" in stdout  # no torch, scikit-learn or matplotlib on this path
     assert RESEARCH_NOTICE in stdout
     assert "unreadable:" in stdout and "broken.png" in stdout  # listed, not dropped
@@ -101,21 +100,27 @@ def test_adapted_model_is_an_ordinary_model_with_the_site_record(
     record = info.metadata["adaptation"]
     assert record["site"] == "Test Hospital"
     assert record["counts"] == {"covid": 25, "non_covid": 25, "patients": 50, "unreadable": 1}
-    assert record["base_version"] == base.version and record["head"] == "refitted"
+    assert record["base_version"] == base.version
     assert info.version.startswith(base.version + "+test-hospital-")
-    cv = record["cross_validation"]
-    assert cv["adapted"]["roc_auc"]["value"] > cv["base"]["roc_auc"]["value"]
     assert info.operating_point == "youden" and 0 < info.threshold < 1
-    # Grad-CAM still works, from the rewritten CAM head, and the head really changed.
     image = datasets / "jsrt" / "images" / "JPCNN001.png"
-    prediction = predictor.predict(image, cam=True)
+    prediction = predictor.predict(image, cam=True)  # Grad-CAM from the rewritten CAM head
     assert prediction.cam is not None and prediction.cam.shape == (7, 7)
     assert prediction.model_version == info.version
-    assert abs(prediction.probability - base.predict(image).probability) > 1e-4
+    # The shipped model is weak on this unseen site (cross-validated AUC 0.85 when written):
+    # there the refit must win and be what the model computes. A future shipped model that is
+    # already good here may keep its head; then the written head must be the base one.
+    cv = record["cross_validation"]
     _, head = read_metadata(out)
     _, base_head = read_metadata(DEFAULT_MODEL)
     assert head is not None and base_head is not None
-    assert not np.allclose(head.weight, base_head.weight)
+    if cv["base"]["roc_auc"]["value"] < 0.9:
+        assert "adapted head kept" in stdout and record["head"] == "refitted"
+        assert cv["adapted"]["roc_auc"]["value"] > cv["base"]["roc_auc"]["value"]
+        assert not np.allclose(head.weight, base_head.weight)
+        assert abs(prediction.probability - base.predict(image).probability) > 1e-4
+    else:
+        assert (record["head"] == "refitted") == ("adapted head kept" in stdout)
 
 
 def test_predict_evaluate_and_serve_take_the_adapted_model(
