@@ -80,6 +80,15 @@ def check_counts(y: np.ndarray, clusters: np.ndarray, where: str) -> None:
         )
 
 
+def _after_failures(data: Path, failures: list[Failure], shown: int = 3) -> str:
+    """`data`, naming the files that could not be used (they count against the minimum)."""
+    if not failures:
+        return str(data)
+    listed = "; ".join(f"{f.source}: {f.reason}" for f in failures[:shown])
+    more = f"; and {len(failures) - shown} more" if len(failures) > shown else ""
+    return f"{data} (after {len(failures)} unreadable files: {listed}{more})"
+
+
 def _clusters(rows: list[Any]) -> np.ndarray:
     return cluster_ids([r.patient_id for r in rows], [r.source for r in rows])
 
@@ -136,7 +145,7 @@ def adapt(options: AdaptOptions) -> AdaptResult:
     parse_operating_point(options.operating_point)  # refuse a bad option before any work
     predictor, local, excluded = _load(options)
     y, clusters = local.targets, _clusters(local.rows)
-    check_counts(y, clusters, f"{options.data} (after {len(local.failures)} unreadable files)")
+    check_counts(y, clusters, _after_failures(options.data, local.failures))
     _, cam = read_metadata(predictor.path)
     if cam is None:
         raise ModelError(f"{predictor.path}: no CAM head in the model's metadata to adapt")
