@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covid_cxr.inference.runtime import sigmoid
+from covid_cxr.numeric import sigmoid
 
 _NEWTON_STEPS = 100
 _TOLERANCE = 1e-8

@@ -28,7 +28,7 @@ from covid_cxr.evaluation.thresholds import (
     sensitivity_threshold,
     youden_threshold,
 )
-from covid_cxr.inference.runtime import sigmoid
+from covid_cxr.numeric import sigmoid
 
 METHODS = ("logistic", "threshold")
 STORED_SENSITIVITIES = (0.90, 0.95)
