@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from covid_cxr.adaptation.features import LocalFeatures, extract_features
+from covid_cxr.adaptation.features import LocalFeatures, extract_features, onnx_runtime
 from covid_cxr.adaptation.head import LinearHead
 from covid_cxr.adaptation.onnx_model import write_adapted
 from covid_cxr.adaptation.site import SiteFit, fit_site, parse_operating_point
@@ -27,7 +27,7 @@ from covid_cxr.data.sources import Exclusion
 from covid_cxr.errors import DataError, ModelError
 from covid_cxr.evaluation.bootstrap import cluster_ids
 from covid_cxr.inference.batch import Failure
-from covid_cxr.inference.metadata import read_metadata
+from covid_cxr.inference.metadata import parse_metadata
 from covid_cxr.inference.predictor import Predictor
 from covid_cxr.models.info import ModelInfo
 
@@ -146,7 +146,8 @@ def adapt(options: AdaptOptions) -> AdaptResult:
     predictor, local, excluded = _load(options)
     y, clusters = local.targets, _clusters(local.rows)
     check_counts(y, clusters, _after_failures(options.data, local.failures))
-    _, cam = read_metadata(predictor.path)
+    metadata = onnx_runtime(predictor).session.get_modelmeta().custom_metadata_map
+    _, cam = parse_metadata(metadata, str(predictor.path))
     if cam is None:
         raise ModelError(f"{predictor.path}: no CAM head in the model's metadata to adapt")
     fit = fit_site(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+ADAPT_EXTRA = ("onnx", "threadpoolctl")
+
 
 def _positive(text: str) -> int:
     value = int(text)
@@ -62,13 +64,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _check_extras() -> None:
+    """The packages of the `adapt` extra, which the base install (predict, serve) leaves out."""
+    import importlib.util
+
+    from covid_cxr.errors import ConfigError
+
+    missing = [name for name in ADAPT_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(
+            f"covid-cxr adapt needs {' and '.join(missing)}, not in the base install: "
+            "pip install 'covid-cxr[adapt]'"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
-    from covid_cxr import RESEARCH_NOTICE
-    from covid_cxr.adaptation.adapt import AdaptOptions, adapt
     from covid_cxr.errors import ConfigError
 
     if args.out.suffix.lower() != ".onnx":
         raise ConfigError(f"--out must name an .onnx file, got {args.out}")
+    _check_extras()
+    from covid_cxr import RESEARCH_NOTICE
+    from covid_cxr.adaptation.adapt import AdaptOptions, adapt
+
     result = adapt(
         AdaptOptions(
             data=args.data,

@@ -6,8 +6,14 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from covid_cxr import RESEARCH_NOTICE
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from covid_cxr.inference.predictor import Prediction, Predictor
 
 PREDICT_EPILOG = f"""\
 exit status: 0 every input was predicted; 1 at least one input failed (each failure is
@@ -87,6 +93,13 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", type=Path, help="write rows here instead of stdout")
     parser.add_argument("--cam", type=Path, metavar="DIR", help="write Grad-CAM overlays here")
     parser.add_argument(
+        "--dicom-out",
+        type=Path,
+        metavar="DIR",
+        help="write DICOM results here: <stem>.sr.dcm (Structured Report) and <stem>.sc.dcm "
+        "(Grad-CAM Secondary Capture), in the input's study (PNG/JPEG inputs: a new study)",
+    )
+    parser.add_argument(
         "--batch-size", type=_positive, default=16, help="images per model call (default 16)"
     )
     parser.add_argument("--workers", type=_positive, default=2, help="decoding threads")
@@ -129,6 +142,36 @@ def _cam_file(folder: Path, source: Path, used: set[str]) -> Path:
     return folder / name
 
 
+def _dicom_results(
+    folder: Path, predictor: Predictor, path: Path, result: Prediction, used: set[str], bar: tqdm
+) -> bool:
+    """Write the SR and SC of one prediction (`--dicom-out`); False (reported) on failure."""
+    from covid_cxr.dicom import build_results, write_results
+    from covid_cxr.errors import RadiographError
+    from covid_cxr.explain.gradcam import overlay
+
+    stem, n = path.stem, 1
+    while stem in used:
+        n += 1
+        stem = f"{path.stem}.{n}"
+    used.add(stem)
+    assert result.cam is not None  # predicted with cam=True
+    rgb = overlay(result.radiograph.pixels, result.cam, crop=predictor.info.preprocess.crop)
+    try:
+        results = build_results(
+            result.radiograph,
+            result,
+            rgb,
+            predictor.info,
+            operating_point=predictor.operating_point,
+        )
+    except RadiographError as exc:
+        bar.write(f"covid-cxr predict: {path}: no DICOM results: {exc}", file=sys.stderr)
+        return False
+    write_results(results, folder, stem)
+    return True
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
@@ -141,7 +184,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     fmt = _output_format(args)
     predictor = Predictor(args.model, threads=args.threads, operating_point=args.operating_point)
-    if args.cam and not predictor.cam_available:
+    if (args.cam or args.dicom_out) and not predictor.cam_available:
         raise ModelError(predictor.runtime.cam_unavailable or "Grad-CAM unavailable")
     inputs = gather(args.paths)
     if not inputs.files and not inputs.failures:
@@ -154,6 +197,7 @@ def run_predict(args: argparse.Namespace) -> int:
     writer = RowWriter(stream, fmt, with_cam=args.cam is not None)
     failed = predicted = 0
     used_names: set[str] = set()
+    used_dicom: set[str] = set()
     start = time.perf_counter()
     # Rows on the terminal are their own progress display; elsewhere show a bar on stderr.
     bar = tqdm(
@@ -172,7 +216,7 @@ def run_predict(args: argparse.Namespace) -> int:
             inputs.files,
             batch_size=args.batch_size,
             workers=args.workers,
-            cam=args.cam is not None,
+            cam=args.cam is not None or args.dicom_out is not None,
         )
         for path, result in results:
             cam_path = None
@@ -188,6 +232,10 @@ def run_predict(args: argparse.Namespace) -> int:
                         cam_file
                     )
                     cam_path = str(cam_file)
+                if args.dicom_out is not None and not _dicom_results(
+                    args.dicom_out, predictor, path, result, used_dicom, bar
+                ):
+                    failed += 1
             writer.write(record(str(path), result, cam_path))
             bar.update()
     finally:
