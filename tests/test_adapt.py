@@ -26,7 +26,7 @@ from covid_cxr.cli import main
 from covid_cxr.inference.metadata import read_metadata
 from covid_cxr.inference.predictor import Predictor
 from covid_cxr.paths import DEFAULT_MODEL
-from covid_cxr.service.launcher import start_server
+from server_launcher import start_server
 
 FAST = ["--repeats", "2", "--bootstrap", "200"]
 # Runs `covid-cxr adapt` in a fresh interpreter, then names the heavy packages it imported.
