@@ -7,13 +7,14 @@ unless the refit wins) and scores the result on the site's other radiographs (pa
 labelled draw removed). Baselines in the same run: the base model, and a plain logistic
 regression on the pooled features (C = 1, no selection, no fallback).
 
-Sites (the shipped model was trained on the default manifest's train split, val choosing the
-epoch; JSRT and OpenIST were not in that manifest when it was trained):
+Sites (the shipped model's backbone was trained on the default manifest's train split, val
+choosing the epoch, before JSRT and OpenIST were added; its head was then refitted on the
+train split with JSRT and OpenIST in it, so only their val + test patients are used here):
   ieee8023  COVID-19 vs other findings from ieee8023's val + test patients: one collection with
             both classes, whose train patients the model saw (a "known" site).
-  jsrt      JSRT adult non-COVID radiographs (Japan, digitised film; never seen) vs ieee8023
-            COVID-19 val + test patients.
-  openist   OpenIST normal adults (US teaching collection; never seen) vs the same COVID-19.
+  jsrt      JSRT adult non-COVID radiographs (Japan, digitised film), val + test patients, vs
+            ieee8023 COVID-19 val + test patients.
+  openist   OpenIST normal adults (US teaching collection), val + test, vs the same COVID-19.
 The COVID-19 side of jsrt and openist can only come from a source the model saw (ieee8023's
 unseen patients): no public COVID-19 set from those hospitals exists. That is a limitation of
 these simulations, not of the method.
@@ -67,12 +68,12 @@ class Site:
 def build_sites(rows: list[ManifestRow]) -> list[Site]:
     ieee = [r for r in rows if r.source == "ieee8023" and r.split in UNSEEN_SPLITS]
     covid = [r for r in ieee if r.target]
-    jsrt = [r for r in rows if r.source == "jsrt"]
-    openist = [r for r in rows if r.source == "openist-normal"]
+    jsrt = [r for r in rows if r.source == "jsrt" and r.split in UNSEEN_SPLITS]
+    openist = [r for r in rows if r.source == "openist-normal" and r.split in UNSEEN_SPLITS]
     return [
         Site("ieee8023", ieee, "ieee8023 val+test patients, both classes (train split seen)"),
-        Site("jsrt", jsrt + covid, "JSRT non-COVID (unseen) vs ieee8023 val+test COVID-19"),
-        Site("openist", openist + covid, "OpenIST normal (unseen) vs ieee8023 val+test COVID-19"),
+        Site("jsrt", jsrt + covid, "JSRT val+test non-COVID vs ieee8023 val+test COVID-19"),
+        Site("openist", openist + covid, "OpenIST val+test normal vs ieee8023 val+test COVID-19"),
     ]
 
 
