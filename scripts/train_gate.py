@@ -50,6 +50,17 @@ def variant_bases(examples: list[Example], per_source: int = 70) -> list[oos.Rad
     return refs
 
 
+def capped(
+    examples: list[Example], source: str = "kaggle-pneumonia", cap: int = 1500
+) -> list[Example]:
+    """At most `cap` training images of the one large source (Kaggle: 4,000 of 200 px children):
+    enough to learn it, and the other sources are not drowned out."""
+    rng = np.random.default_rng(2)
+    train = [i for i, e in enumerate(examples) if e.kind == source and e.split == "train"]
+    dropped = set(rng.permutation(train)[cap:].tolist())
+    return [e for i, e in enumerate(examples) if i not in dropped]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", type=Path, default=DATA / "default" / "manifest.csv")
@@ -62,17 +73,28 @@ def main(argv: list[str] | None = None) -> int:
     if not index_path.is_file():
         rows = oos.build_oos(args.work / "oos", variant_bases(inscope), laterals(root))
         print(f"out-of-scope pictures: {len(rows)} written under {index_path.parent}")
-    examples = inscope + out_of_scope(oos.read_index(index_path))
-    cache = args.work / "features.npz"
-    if not cache.is_file():
-        features = extract_features([e.path for e in examples])
-        np.savez(cache, features=features, paths=np.array([str(e.path) for e in examples]))
-        print(f"features: {features.shape} cached in {cache}")
+    examples = capped(inscope) + out_of_scope(oos.read_index(index_path))
+    features = cached_features(args.work / "features.npz", [e.path for e in examples])
     if args.stage == "features":
         return 0
     from covid_cxr.gate.report import fit_and_report
 
-    return fit_and_report(examples, cache)
+    return fit_and_report(examples, features)
+
+
+def cached_features(cache: Path, paths: list[Path]) -> np.ndarray:
+    """Encoder features by path: extracted once, only missing paths are extracted later."""
+    known: dict[str, np.ndarray] = {}
+    if cache.is_file():
+        with np.load(cache) as stored:
+            known = dict(zip(stored["paths"].tolist(), stored["features"], strict=True))
+    missing = [p for p in paths if str(p) not in known]
+    for chunk, features in extract_features(missing, cache.parent):
+        known.update(zip(map(str, chunk), features, strict=True))
+        names = sorted(known)
+        np.savez(cache, paths=np.array(names), features=np.stack([known[n] for n in names]))
+        print(f"features: {len(known)} cached in {cache}", flush=True)
+    return np.stack([known[str(p)] for p in paths])
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ CHEST = "CHEST"
 TRAINING_AGES = (1.0, 94.0)  # years; see the module docstring for where they come from
 _AGE = re.compile(r"^(\d{1,3})([DWMY])$")
 _YEARS_PER = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
-_HINT = "the model judges frontal (PA or AP) chest radiographs (CR or DX) only"
+GATE_ENV = "COVID_CXR_GATE"
+BYPASS = f"for research only, --no-gate or {GATE_ENV}=off bypasses this check"
+_HINT = f"the model judges frontal (PA or AP) chest radiographs (CR or DX) only; {BYPASS}"
 
 
 def _text(dataset: Any, keyword: str) -> str:

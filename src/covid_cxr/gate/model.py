@@ -19,20 +19,16 @@ from typing import Any
 import numpy as np
 
 from covid_cxr.errors import ModelError, OutOfScopeError
-from covid_cxr.gate.header import age_warning, check_header
+from covid_cxr.gate.header import BYPASS, GATE_ENV, age_warning, check_header
 from covid_cxr.imaging import Radiograph, preprocess
 from covid_cxr.imaging.preprocess import PreprocessConfig
 from covid_cxr.paths import shipped_model
 
 GATE_MODEL = shipped_model("covid-cxr-gate.onnx")
-GATE_ENV = "COVID_CXR_GATE"
 META_KEY = "covid_cxr_gate"
 INPUT, SCORE = "image", "logit"
 _OFF = frozenset({"off", "0", "false", "no"})
-BYPASS_HINT = (
-    "upload a frontal (PA or AP) chest radiograph; for research only, the check can be "
-    f"bypassed with --no-gate or {GATE_ENV}=off"
-)
+BYPASS_HINT = f"upload a frontal (PA or AP) chest radiograph; {BYPASS}"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,13 @@ from pathlib import Path
 
 from covid_cxr import RESEARCH_NOTICE
 
+OUT_OF_SCOPE = "out of scope"
+
 PREDICT_EPILOG = f"""\
+input gate: an image that is not a frontal chest radiograph (by its DICOM header or its
+pixels) gets no probability but a row with error "out of scope: ..." and counts as failed.
+--no-gate (or COVID_CXR_GATE=off) bypasses it, for research only.
+
 exit status: 0 every input was predicted; 1 at least one input failed (each failure is
 reported on stderr and as a row with an `error` column, and never stops the batch);
 2 usage error (bad option, model not found).
@@ -92,6 +98,11 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=_positive, default=2, help="decoding threads")
     parser.add_argument("--threads", type=_positive, help="model threads (ONNX default 1)")
     parser.add_argument("--operating-point", help="a named threshold of the model")
+    parser.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="research only: score every image, even ones the input gate would refuse",
+    )
     parser.set_defaults(func=run_predict)
 
 
@@ -140,7 +151,12 @@ def run_predict(args: argparse.Namespace) -> int:
     from covid_cxr.inference.writers import RowWriter, record
 
     fmt = _output_format(args)
-    predictor = Predictor(args.model, threads=args.threads, operating_point=args.operating_point)
+    predictor = Predictor(
+        args.model,
+        threads=args.threads,
+        operating_point=args.operating_point,
+        gate=False if args.no_gate else None,
+    )
     if args.cam and not predictor.cam_available:
         raise ModelError(predictor.runtime.cam_unavailable or "Grad-CAM unavailable")
     inputs = gather(args.paths)
@@ -152,7 +168,7 @@ def run_predict(args: argparse.Namespace) -> int:
     notice_stream = stream if fmt == "table" else sys.stderr
     print(f"{RESEARCH_NOTICE}\nmodel: {predictor!r}", file=notice_stream)
     writer = RowWriter(stream, fmt, with_cam=args.cam is not None)
-    failed = predicted = 0
+    failed = predicted = out_of_scope = 0
     used_names: set[str] = set()
     start = time.perf_counter()
     # Rows on the terminal are their own progress display; elsewhere show a bar on stderr.
@@ -179,6 +195,7 @@ def run_predict(args: argparse.Namespace) -> int:
             if isinstance(result, Failure):
                 bar.write(f"covid-cxr predict: {path}: {result.reason}", file=sys.stderr)
                 failed += 1
+                out_of_scope += result.reason.startswith(OUT_OF_SCOPE)
             else:
                 predicted += 1
                 if args.cam is not None and result.cam is not None:
@@ -196,6 +213,8 @@ def run_predict(args: argparse.Namespace) -> int:
             stream.close()
     elapsed = time.perf_counter() - start
     summary = f"{predicted} predicted, {failed} failed"
+    if out_of_scope:
+        summary += f" ({out_of_scope} out of scope: not frontal chest radiographs)"
     if inputs.skipped:
         summary += f", {inputs.skipped} non-image file(s) in folders ignored"
     rate = predicted / elapsed if elapsed > 0 else 0.0

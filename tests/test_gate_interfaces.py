@@ -1,0 +1,101 @@
+"""The input gate as users meet it: `covid-cxr predict` rows and summary, and the REST API's
+422 `out_of_scope` answer from a real server."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from covid_cxr.cli import main
+from covid_cxr.gate import oos
+from imaging_helpers import make_dicom
+from service_helpers import Server, shared_server
+
+NOT_FRONTAL = "out of scope: not a frontal chest radiograph"
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def chest(datasets: Path) -> Path:
+    return sorted((datasets / "nih-chestxray8-subset" / "No_Finding").glob("*.png"))[5]
+
+
+@pytest.fixture(scope="module")
+def folder(datasets: Path, chest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real radiographs, a letter, a lateral view and a CT-labelled DICOM."""
+    root = tmp_path_factory.mktemp("uploads")
+    shutil.copy(chest, root / "a-chest.png")
+    kaggle = sorted((datasets / "chest_xray" / "test" / "NORMAL").glob("*.jpeg"))[0]
+    shutil.copy(kaggle, root / "b-chest.jpeg")
+    (root / "c-letter.png").write_bytes(_png(oos.document(np.random.default_rng(11))))
+    lateral = datasets / "covid-chestxray-dataset" / "images" / "nejmoa2001191_f1-L.jpeg"
+    shutil.copy(lateral, root / "d-lateral.jpeg")
+    pixels = np.asarray(Image.open(chest).convert("L"))
+    (root / "e-scan.dcm").write_bytes(make_dicom(pixels, Modality="CT"))
+    return root
+
+
+def test_predict_cli_gives_refused_files_a_reason_and_no_probability(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["predict", str(folder), "--format", "csv"]) == 1
+    captured = capsys.readouterr()
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(io.StringIO(captured.out))}
+    for name in ("a-chest.png", "b-chest.jpeg"):
+        assert rows[name]["error"] == "" and 0 <= float(rows[name]["probability"]) <= 1
+    for name in ("c-letter.png", "d-lateral.jpeg"):
+        assert rows[name]["error"].startswith(NOT_FRONTAL), rows[name]
+        assert rows[name]["probability"] == rows[name]["label"] == ""
+    assert rows["e-scan.dcm"]["error"].startswith("out of scope: wrong modality (CT)")
+    assert "2 predicted, 3 failed (3 out of scope: not frontal chest radiographs)" in captured.err
+    assert "c-letter.png: out of scope" in captured.err
+
+
+def test_no_gate_scores_everything_for_research(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["predict", str(folder), "--format", "csv", "--no-gate"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 5 and all(r["error"] == "" for r in rows)
+
+
+def test_gate_switch_through_the_environment(
+    folder: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COVID_CXR_GATE", "off")
+    assert main(["predict", str(folder / "c-letter.png"), "--format", "csv"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_api_answers_422_out_of_scope(request: pytest.FixtureRequest, folder: Path) -> None:
+    server: Server = shared_server(request)
+    with server.client() as client:
+        for name, reason in (
+            ("c-letter.png", NOT_FRONTAL),
+            ("d-lateral.jpeg", NOT_FRONTAL),
+            ("e-scan.dcm", "out of scope: wrong modality (CT)"),
+        ):
+            files = {"file": (name, (folder / name).read_bytes())}
+            response = client.post("/api/v1/predict", files=files)
+            assert response.status_code == 422, response.text
+            error = response.json()["error"]
+            assert error["code"] == "out_of_scope"
+            assert reason in error["message"] and name in error["message"]
+            assert "probability" not in response.json()
+        batch = [("files", (n, (folder / n).read_bytes())) for n in ("a-chest.png", "c-letter.png")]
+        answer = client.post("/api/v1/predict/batch", files=batch).json()
+        assert answer["failed"] == 1
+        assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
