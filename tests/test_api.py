@@ -359,11 +359,13 @@ def test_cors_only_for_the_configured_origin(server: Server) -> None:
 
 
 def test_uploads_never_touch_the_disk_nor_the_log(
-    server: Server, client: httpx.Client, dicom: bytes
+    server: Server, client: httpx.Client, dicom: bytes, stretched: np.ndarray
 ) -> None:
-    # Noise does not compress: a PNG well above Starlette's 1 MiB spool-to-disk threshold.
-    noise = np.random.default_rng(0).integers(0, 256, (1400, 1400), dtype=np.uint8)
-    large = png_bytes(noise)
+    # A real radiograph enlarged, with noise that does not compress: a PNG well above
+    # Starlette's 1 MiB spool-to-disk threshold that the input gate still accepts.
+    enlarged = np.asarray(Image.fromarray(stretched).resize((1400, 1400)), dtype=np.int16)
+    noise = np.random.default_rng(0).integers(-48, 49, enlarged.shape)
+    large = png_bytes(np.clip(enlarged + noise, 0, 255).astype(np.uint8))
     assert 1.5 * 2**20 < len(large) < MAX_UPLOAD_MB * 2**20
     since = time.time()
     assert client.post(PREDICT, files=upload(large, "large.png")).status_code == 200
