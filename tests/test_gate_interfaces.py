@@ -99,3 +99,17 @@ def test_api_answers_422_out_of_scope(request: pytest.FixtureRequest, folder: Pa
         answer = client.post("/api/v1/predict/batch", files=batch).json()
         assert answer["failed"] == 1
         assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_serve_with_the_gate_switched_off_scores_everything(folder: Path, tmp_path: Path) -> None:
+    from covid_cxr.service.launcher import start_server
+
+    running = start_server([], tmp_path / "server.log", env={"COVID_CXR_GATE": "off"})
+    try:
+        files = {"file": ("c-letter.png", (folder / "c-letter.png").read_bytes())}
+        response = httpx.post(f"{running.url}/api/v1/predict", files=files, timeout=30)
+        assert response.status_code == 200, response.text
+        assert 0.0 <= response.json()["probability"] <= 1.0
+    finally:
+        running.stop()
