@@ -5,6 +5,7 @@ hits both alike:
   gate         `InputGate.check`: DICOM header rules + resize/equalise to 128 px + the gate ONNX;
   classifier   `Predictor` with the gate off: preprocess + model + sigmoid (`predict_batch` of
                one already-decoded radiograph), for the shipped fp32 and int8 models;
+  (NIH 448-px PNGs and Kaggle 224-px JPEGs, half each)
   end to end   `Predictor.predict(path)` with the gate on and off (read + decode included).
 Prints p50/p90 in ms and the gate's cost as a fraction of each. One ONNX thread, as served.
 
@@ -29,8 +30,8 @@ from covid_cxr.paths import DEFAULT_MODEL, data_root, shipped_model
 def images(count: int) -> list[Path]:
     root = data_root()
     nih = sorted((root / "nih-chestxray8-subset" / "No_Finding").glob("*.png"))
-    cohen = sorted((root / "covid-chestxray-dataset" / "images").glob("*.jp*g"))
-    return (nih[: count // 2] + cohen[: count - count // 2])[:count]
+    kaggle = sorted((root / "chest_xray" / "test" / "NORMAL").glob("*.jpeg"))
+    return (nih[: count // 2] + kaggle[: count - count // 2])[:count]
 
 
 def timed(work: Callable[[], object]) -> float:
