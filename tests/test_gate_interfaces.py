@@ -1,10 +1,11 @@
 """The input gate as users meet it: `covid-cxr predict` rows and summary, and the REST API's
-422 `out_of_scope` answer from a real server."""
+422 `out_of_scope` answer from a real server, `covid-cxr evaluate`'s list of refused files."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -113,3 +114,26 @@ def test_serve_with_the_gate_switched_off_scores_everything(folder: Path, tmp_pa
         assert 0.0 <= response.json()["probability"] <= 1.0
     finally:
         running.stop()
+
+
+def test_evaluate_lists_refused_files_with_their_reason(
+    datasets: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital = tmp_path / "hospital"
+    covid = sorted((datasets / "covid-19-image-repository" / "png").glob("*.png"))[:4]
+    normal = sorted((datasets / "nih-chestxray8-subset" / "No_Finding").glob("*.png"))[:4]
+    for label, paths in (("covid", covid), ("normal", normal)):
+        (hospital / label).mkdir(parents=True)
+        for path in paths:
+            (hospital / label / path.name).symlink_to(path)
+    (hospital / "normal" / "letter.png").symlink_to(folder / "c-letter.png")
+    out = tmp_path / "out"
+    args = ["--data", hospital, "--out", out, "--cam-errors", "0", "--bootstrap", "50"]
+    main(["evaluate", *map(str, args)])
+    capsys.readouterr()
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["data"]["scored"] == 8
+    (refused,) = result["data"]["unreadable"]
+    assert refused["path"].endswith("letter.png") and refused["reason"].startswith(NOT_FRONTAL)
+    report = (out / "report.md").read_text()
+    assert "refused by the input gate: 1" in report and NOT_FRONTAL in report
