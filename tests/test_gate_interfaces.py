@@ -35,7 +35,8 @@ def chest(datasets: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def folder(datasets: Path, chest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two real radiographs, a letter, a lateral view and a CT-labelled DICOM."""
+    """Two real radiographs, a letter, a lateral view, a CT-labelled DICOM and a chest DICOM
+    of a patient older than any in training."""
     root = tmp_path_factory.mktemp("uploads")
     shutil.copy(chest, root / "a-chest.png")
     kaggle = sorted((datasets / "chest_xray" / "test" / "NORMAL").glob("*.jpeg"))[0]
@@ -45,6 +46,7 @@ def folder(datasets: Path, chest: Path, tmp_path_factory: pytest.TempPathFactory
     shutil.copy(lateral, root / "d-lateral.jpeg")
     pixels = np.asarray(Image.open(chest).convert("L"))
     (root / "e-scan.dcm").write_bytes(make_dicom(pixels, Modality="CT"))
+    (root / "f-old.dcm").write_bytes(make_dicom(pixels, PatientAge="099Y", ViewPosition="PA"))
     return root
 
 
@@ -54,13 +56,14 @@ def test_predict_cli_gives_refused_files_a_reason_and_no_probability(
     assert main(["predict", str(folder), "--format", "csv"]) == 1
     captured = capsys.readouterr()
     rows = {Path(r["path"]).name: r for r in csv.DictReader(io.StringIO(captured.out))}
-    for name in ("a-chest.png", "b-chest.jpeg"):
+    for name in ("a-chest.png", "b-chest.jpeg", "f-old.dcm"):
         assert rows[name]["error"] == "" and 0 <= float(rows[name]["probability"]) <= 1
     for name in ("c-letter.png", "d-lateral.jpeg"):
         assert rows[name]["error"].startswith(NOT_FRONTAL), rows[name]
         assert rows[name]["probability"] == rows[name]["label"] == ""
     assert rows["e-scan.dcm"]["error"].startswith("out of scope: wrong modality (CT)")
-    assert "2 predicted, 3 failed (3 out of scope: not frontal chest radiographs)" in captured.err
+    assert "3 predicted, 3 failed (3 out of scope: not frontal chest radiographs)" in captured.err
+    assert "f-old.dcm: warning: patient age 99 years is outside the ages seen" in captured.err
     assert "c-letter.png: out of scope" in captured.err
 
 
@@ -69,7 +72,7 @@ def test_no_gate_scores_everything_for_research(
 ) -> None:
     assert main(["predict", str(folder), "--format", "csv", "--no-gate"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert len(rows) == 5 and all(r["error"] == "" for r in rows)
+    assert len(rows) == 6 and all(r["error"] == "" for r in rows)
 
 
 def test_gate_switch_through_the_environment(
@@ -96,6 +99,11 @@ def test_api_answers_422_out_of_scope(request: pytest.FixtureRequest, folder: Pa
             assert error["code"] == "out_of_scope"
             assert reason in error["message"] and name in error["message"]
             assert "probability" not in response.json()
+        old = client.post(
+            "/api/v1/predict", files={"file": ("f-old.dcm", (folder / "f-old.dcm").read_bytes())}
+        )
+        assert old.status_code == 200, old.text
+        assert "patient age 99 years" in old.json()["warnings"][0]
         batch = [("files", (n, (folder / n).read_bytes())) for n in ("a-chest.png", "c-letter.png")]
         answer = client.post("/api/v1/predict/batch", files=batch).json()
         assert answer["failed"] == 1

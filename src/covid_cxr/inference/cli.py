@@ -140,6 +140,15 @@ def _cam_file(folder: Path, source: Path, used: set[str]) -> Path:
     return folder / name
 
 
+def _summary(predicted: int, failed: int, out_of_scope: int, skipped: int) -> str:
+    summary = f"{predicted} predicted, {failed} failed"
+    if out_of_scope:
+        summary += f" ({out_of_scope} out of scope: not frontal chest radiographs)"
+    if skipped:
+        summary += f", {skipped} non-image file(s) in folders ignored"
+    return summary
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
@@ -198,6 +207,8 @@ def run_predict(args: argparse.Namespace) -> int:
                 out_of_scope += result.reason.startswith(OUT_OF_SCOPE)
             else:
                 predicted += 1
+                for warning in result.warnings:
+                    bar.write(f"covid-cxr predict: {path}: warning: {warning}", file=sys.stderr)
                 if args.cam is not None and result.cam is not None:
                     cam_file = _cam_file(args.cam, path, used_names)
                     crop = predictor.info.preprocess.crop
@@ -212,11 +223,7 @@ def run_predict(args: argparse.Namespace) -> int:
         if stream is not sys.stdout:
             stream.close()
     elapsed = time.perf_counter() - start
-    summary = f"{predicted} predicted, {failed} failed"
-    if out_of_scope:
-        summary += f" ({out_of_scope} out of scope: not frontal chest radiographs)"
-    if inputs.skipped:
-        summary += f", {inputs.skipped} non-image file(s) in folders ignored"
+    summary = _summary(predicted, failed, out_of_scope, inputs.skipped)
     rate = predicted / elapsed if elapsed > 0 else 0.0
     print(f"{summary} in {elapsed:.1f} s ({rate:.1f} images/s)", file=sys.stderr)
     if fmt != "table" or args.output:

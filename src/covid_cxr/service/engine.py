@@ -138,6 +138,7 @@ class Engine:
             width=radiograph.width,
             height=radiograph.height,
             timings_ms={k: round(v, 2) for k, v in timings.items()},
+            warnings=list(result.warnings),
             cam=cam_png,
             preview=preview_png,
         )
