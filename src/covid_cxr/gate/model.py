@@ -99,7 +99,7 @@ class InputGate:
 
     def scores(self, batch: np.ndarray) -> np.ndarray:
         """P(frontal chest radiograph) for gate inputs (N, S, S) from `prepare`."""
-        from covid_cxr.inference.runtime import sigmoid
+        from covid_cxr.numeric import sigmoid
 
         return sigmoid(self.logits(batch))
 

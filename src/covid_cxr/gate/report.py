@@ -24,7 +24,7 @@ import numpy as np
 from covid_cxr.fileio import atomic_write_text
 from covid_cxr.gate.model import GATE_MODEL, GateInfo, InputGate
 from covid_cxr.gate.training import GATE_PREPROCESS, Example, Head, export_gate, fit_head
-from covid_cxr.inference.runtime import sigmoid
+from covid_cxr.numeric import sigmoid
 from covid_cxr.paths import REPO_ROOT
 
 RESULTS = REPO_ROOT / "docs" / "results" / "input-gate"
