@@ -111,10 +111,13 @@ def test_api_answers_422_out_of_scope(request: pytest.FixtureRequest, folder: Pa
 
 
 @pytest.mark.slow
-def test_serve_with_the_gate_switched_off_scores_everything(folder: Path, tmp_path: Path) -> None:
-    from covid_cxr.service.launcher import start_server
+def test_serve_no_gate_scores_everything(folder: Path, tmp_path: Path) -> None:
+    from covid_cxr.service.settings import ServiceSettings
+    from server_launcher import start_server
 
-    running = start_server([], tmp_path / "server.log", env={"COVID_CXR_GATE": "off"})
+    assert ServiceSettings().gate
+    assert not ServiceSettings.from_env({"COVID_CXR_GATE": "off"}).gate
+    running = start_server(["--no-gate"], tmp_path / "server.log")
     try:
         files = {"file": ("c-letter.png", (folder / "c-letter.png").read_bytes())}
         response = httpx.post(f"{running.url}/api/v1/predict", files=files, timeout=30)

@@ -8,28 +8,31 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from covid_cxr import RESEARCH_NOTICE
-from covid_cxr.errors import EmptyFileError, NotAnImageError, RadiographError
+from covid_cxr.errors import EmptyFileError, NotAnImageError
+from covid_cxr.paths import SHIPPED
 from covid_cxr.service import schemas
-from covid_cxr.service.responses import ApiError, radiograph_error
 from covid_cxr.service.security import FORMATS
 from covid_cxr.service.settings import ServiceSettings
 from covid_cxr.service.uploads import UploadedFile, too_large
 
 if TYPE_CHECKING:
     from covid_cxr.imaging import Radiograph
-    from covid_cxr.inference.predictor import Predictor
-
-log = logging.getLogger("covid_cxr.service")
+    from covid_cxr.inference.predictor import Prediction, Predictor
 
 CAM_ALPHA = 0.4
+# Where the model was trained from is the operator's business, not the API client's.
+PRIVATE_METADATA = {"manifest"}
+MODEL_CARD = (
+    "the shipped model's card, covid_cxr/shipped/README.md in the package: test-set and "
+    "external results with 95% confidence intervals"
+)
 INTENDED_USE = (
     "Research and teaching: to show how a convolutional network trained on public chest "
     "X-ray collections separates COVID-19 from other radiographs, and where it looks. "
@@ -42,6 +45,15 @@ LIMITATIONS = [
     "Probabilities are not calibrated to any clinical population's prevalence.",
     "Frontal (PA/AP) adult radiographs only; lateral views, CT and children are out of scope.",
 ]
+
+
+def stored_metrics(metadata: dict[str, Any]) -> dict[str, float]:
+    """The evaluation figures stored with the model: its `metrics`, else the validation
+    figures training kept (val_auc, ...). Test-set results live in the model card."""
+    metrics = metadata.get("metrics") or {
+        key: value for key, value in metadata.items() if key.startswith("val_")
+    }
+    return {key: float(value) for key, value in metrics.items() if isinstance(value, int | float)}
 
 
 def _png(image: np.ndarray) -> schemas.ImagePNG:
@@ -80,13 +92,20 @@ class Engine:
         from covid_cxr.inference.predictor import Predictor
 
         predictor = Predictor(
-            settings.model, threads=settings.threads, operating_point=settings.operating_point
+            settings.model,
+            threads=settings.threads,
+            operating_point=settings.operating_point,
+            gate=settings.gate,
         )
         return cls(predictor, settings)
 
     @property
     def version(self) -> str:
         return str(self.predictor.version)
+
+    @property
+    def name(self) -> str:
+        return self.predictor.info.name
 
     def read(self, upload: UploadedFile) -> Radiograph:
         from covid_cxr.imaging.read import read_radiograph, sniff_format
@@ -105,20 +124,25 @@ class Engine:
             )
         return read_radiograph(upload.data, name=name, max_pixels=self.settings.max_pixels)
 
-    def analyse(self, upload: UploadedFile, cam: bool, preview: bool) -> schemas.Prediction:
+    def analyse(
+        self, upload: UploadedFile, cam: bool, preview: bool, dicom: bool = False
+    ) -> schemas.Prediction:
         start = time.perf_counter()
         radiograph = self.read(upload)
         decoded = time.perf_counter()
-        cam = cam and self.predictor.cam_available
-        result = self.predictor.predict(radiograph, name=upload.filename, cam=cam)
+        # DICOM results carry the heat map too (in their Secondary Capture).
+        heat = (cam or dicom) and self.predictor.cam_available
+        result = self.predictor.predict(radiograph, name=upload.filename, cam=heat)
         predicted = time.perf_counter()
         from covid_cxr.explain.gradcam import overlay
 
         crop = self.predictor.info.preprocess.crop
-        small = _fit(radiograph.pixels, self.settings.image_max_side) if cam or preview else None
-        cam_png = _png(overlay(small, result.cam, alpha=CAM_ALPHA, crop=crop)) if cam else None
+        small = _fit(radiograph.pixels, self.settings.image_max_side) if heat or preview else None
+        heat_rgb = overlay(small, result.cam, alpha=CAM_ALPHA, crop=crop) if heat else None
+        cam_png = _png(heat_rgb) if cam and heat_rgb is not None else None
         grey = (np.clip(small, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8) if preview else None
         preview_png = _png(grey) if preview else None
+        dicom_results = self._dicom(radiograph, result, heat_rgb) if dicom else None
         done = time.perf_counter()
         timings = {k: float(v) for k, v in result.timings_ms.items() if k not in ("read", "total")}
         timings.update(
@@ -141,35 +165,39 @@ class Engine:
             warnings=list(result.warnings),
             cam=cam_png,
             preview=preview_png,
+            dicom=dicom_results,
         )
 
-    def analyse_batch(
-        self, uploads: list[UploadedFile], cam: bool, preview: bool
-    ) -> schemas.BatchResponse:
-        """Each file on its own: a bad one gets its error, the others their results."""
-        items = []
-        for index, upload in enumerate(uploads):
-            item = schemas.BatchItem(index=index, filename=upload.filename, status=200)
-            try:
-                item.result = self.analyse(upload, cam, preview)
-            except RadiographError as exc:
-                item.status, item.error = radiograph_error(exc)
-            except ApiError as exc:
-                item.status, item.error = exc.status, exc.body
-            except Exception as exc:
-                # The type only: messages can carry image content or DICOM fields.
-                log.error("internal error %s on batch file %d", type(exc).__name__, index)
-                item.status = 500
-                item.error = schemas.ErrorBody(
-                    code="internal_error", message="the server failed on this file"
-                )
-            items.append(item)
-        failed = sum(item.error is not None for item in items)
-        return schemas.BatchResponse(count=len(items), failed=failed, results=items)
+    def _dicom(
+        self, radiograph: Radiograph, result: Prediction, heat_rgb: np.ndarray | None
+    ) -> schemas.DicomResults:
+        """SR and SC in memory (never written here); the SC shows the heat map when the model
+        has one, else the radiograph, at the size the `cam` image has."""
+        from covid_cxr.dicom import build_results
+        from covid_cxr.imaging.preprocess import grey_to_uint8
+
+        if heat_rgb is None:
+            grey = grey_to_uint8(_fit(radiograph.pixels, self.settings.image_max_side))
+            heat_rgb = np.repeat(grey[..., None], 3, axis=2)
+        built = build_results(
+            radiograph,
+            result,
+            heat_rgb,
+            self.predictor.info,
+            operating_point=self.predictor.operating_point,
+        )
+        return schemas.DicomResults(
+            sr_base64=base64.b64encode(built.sr_bytes()).decode("ascii"),
+            sc_base64=base64.b64encode(built.sc_bytes()).decode("ascii"),
+            study_instance_uid=str(built.sr.StudyInstanceUID),
+            sr_sop_instance_uid=str(built.sr.SOPInstanceUID),
+            sc_sop_instance_uid=str(built.sc.SOPInstanceUID),
+            new_study=built.new_study,
+        )
 
     def model_card(self, api_key_required: bool) -> schemas.ModelCard:
         info = self.predictor.info
-        metadata = dict(info.metadata or {})
+        metadata = {k: v for k, v in (info.metadata or {}).items() if k not in PRIVATE_METADATA}
         settings = self.settings
         return schemas.ModelCard(
             name=info.name,
@@ -180,7 +208,8 @@ class Engine:
             cam_available=self.predictor.cam_available,
             thresholds={k: float(v) for k, v in info.thresholds.items()},
             preprocess=info.preprocess.to_dict(),
-            metrics=dict(metadata.get("metrics") or {}),
+            metrics=stored_metrics(metadata),
+            model_card=MODEL_CARD if self.predictor.path.resolve().parent == SHIPPED else None,
             metadata=metadata,
             intended_use=INTENDED_USE,
             limitations=LIMITATIONS,
