@@ -5,7 +5,10 @@ and that uploads never reach the disk or the log. The API's behaviour is in test
 
 from __future__ import annotations
 
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +18,9 @@ import httpx
 import numpy as np
 import pytest
 
+from conftest import require
 from imaging_helpers import make_dicom
+from server_launcher import start_server
 from service_helpers import (
     API_KEY,
     KEEP_ALIVE_S,
@@ -26,6 +31,7 @@ from service_helpers import (
     Server,
     png_bytes,
     real_png,
+    service_model,
     shared_server,
 )
 
@@ -221,3 +227,26 @@ def test_overload_answers_503_fast_and_health_stays_up(
     assert refused.json()["error"]["code"] == "overloaded"
     assert int(refused.headers["retry-after"]) >= 1
     assert client.post(PREDICT, files=upload(png)).status_code == 200
+
+
+def test_https_with_a_certificate(tmp_path_factory: pytest.TempPathFactory) -> None:
+    require(shutil.which("openssl") is not None, "openssl missing (apt-get install openssl)")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    serve_args = ["--model", str(service_model(tmp_path_factory)), "--ssl-certfile", str(cert)]
+    running = start_server([*serve_args, "--ssl-keyfile", str(key)], folder / "server.log")
+    try:
+        assert running.url.startswith("https://")
+        trusted = ssl.create_default_context(cafile=str(cert))
+        assert httpx.get(f"{running.url}/healthz", verify=trusted).json() == {"status": "ok"}
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not spoken
+            httpx.get(running.url.replace("https", "http") + "/healthz", timeout=5.0)
+    finally:
+        running.stop()
