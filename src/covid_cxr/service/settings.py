@@ -42,7 +42,9 @@ class ServiceSettings:
     host: str = _opt("127.0.0.1", "address to listen on (default 127.0.0.1: this machine only)")
     port: int = _opt(8000, "port (default 8000)")
     workers: int = _opt(1, "server processes, each with its own model (default 1)")
-    model: str | None = _opt(None, "ONNX file or checkpoint (default: the shipped model)")
+    model: str | None = _opt(
+        None, "ONNX file or checkpoint (default: the shipped model)", metavar="PATH"
+    )
     operating_point: str | None = _opt(
         None, "named threshold of the model (default: the model's own)"
     )
@@ -70,6 +72,7 @@ class ServiceSettings:
         None,
         "require this X-API-Key for /api/* (prefer COVID_CXR_API_KEY: the command line "
         "is visible to other users of the machine)",
+        metavar="KEY",
     )
     allowed_hosts: tuple[str, ...] = _opt(
         (),
@@ -85,12 +88,14 @@ class ServiceSettings:
         metavar="ORIGIN",
     )
     max_connections: int = _opt(
-        256, "open connections per process beyond which new ones get 503 (default 256)"
+        256,
+        "most open connections per process; a new one beyond closes the longest-idle, or gets "
+        "503 when none is idle (default 256)",
     )
     keep_alive_s: float = _opt(5.0, "close a keep-alive connection idle this long (default 5 s)")
     max_header_kb: int = _opt(64, "largest request head, in KiB (default 64)")
-    ssl_certfile: str | None = _opt(None, "serve HTTPS with this PEM certificate")
-    ssl_keyfile: str | None = _opt(None, "private key of --ssl-certfile")
+    ssl_certfile: str | None = _opt(None, "serve HTTPS with this PEM certificate", metavar="PATH")
+    ssl_keyfile: str | None = _opt(None, "private key of --ssl-certfile", metavar="PATH")
     access_log: bool = _opt(True, "log each request line")
     log_level: str = _opt("info", "log level (default info)", choices=LOG_LEVELS)
 

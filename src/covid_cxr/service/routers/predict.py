@@ -90,4 +90,4 @@ async def predict_batch(
     async with pool.admit(wait):
         form = await read_form(request, _limits(settings, batch=True), FLAG_FIELDS)
         cam, preview = _flag(form, "cam", cam), _flag(form, "preview", preview)
-        return await pool.run(trail.predict_batch, form.files, cam, preview)
+        return await pool.run(trail.predict_batch, form.files, cam, preview, files=len(form.files))
