@@ -22,7 +22,7 @@ import pytest
 
 from covid_cxr.audit.events import PredictionEvent
 from covid_cxr.cli import build_parser, main
-from covid_cxr.errors import ConfigError
+from covid_cxr.errors import ConfigError, OutOfScopeError
 from covid_cxr.paths import DEFAULT_MODEL
 from covid_cxr.service import schemas
 from covid_cxr.service.cli import settings_from_args
@@ -131,6 +131,27 @@ def test_an_internal_error_is_a_500_and_is_recorded() -> None:
     assert "secret-name" not in response.text
     assert batch.json()["results"][0]["status"] == 500
     assert [(e.outcome, e.reason) for e in recorder.events] == [("failed", "internal_error")] * 2
+
+
+class GatedEngine(SlowEngine):
+    """Refuses every file the way the input gate does."""
+
+    def analyse(self, upload: UploadedFile, cam: bool, preview: bool) -> schemas.Prediction:
+        raise OutOfScopeError(upload.filename, "out of scope: a lateral view", "send a PA view")
+
+
+def test_an_out_of_scope_refusal_is_recorded_as_refused() -> None:
+    recorder = ListRecorder()
+    app = make_app(GatedEngine(0.0))
+    app.dependency_overrides[get_recorder] = lambda: recorder
+    with asgi_client(app) as client:
+        response = client.post(PREDICT, files={"file": ("side.png", b"data")})
+        batch = client.post(BATCH, files=[("files", ("a.png", b"a")), ("files", ("b.png", b"b"))])
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "out_of_scope"
+    assert [item["error"]["code"] for item in batch.json()["results"]] == ["out_of_scope"] * 2
+    assert {(e.outcome, e.reason) for e in recorder.events} == {("refused", "out_of_scope")}
+    assert len(recorder.events) == 3
 
 
 async def _burst(app, count: int, headers: dict[str, str]) -> list[httpx.Response]:
