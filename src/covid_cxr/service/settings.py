@@ -62,7 +62,7 @@ class ServiceSettings:
     max_batch_mb: float = _opt(100.0, "largest batch request (default 100)")
     max_pixels: int = _opt(40_000_000, "largest image in pixels (default 40,000,000)")
     upload_timeout_s: float = _opt(
-        30.0, "longest an upload may take, however fast it arrives (default 30 s)"
+        60.0, "longest an upload may take, however fast it arrives (default 60 s)"
     )
     min_upload_kbps: float = _opt(
         64.0, "an upload slower than this many KiB/s after its first 2 s gets 408 (default 64)"
