@@ -27,6 +27,8 @@ from covid_cxr.paths import DEFAULT_MODEL
 from covid_cxr.service import schemas
 from covid_cxr.service.cli import settings_from_args
 from covid_cxr.service.dependencies import get_recorder
+from covid_cxr.service.pool import InferencePool
+from covid_cxr.service.responses import ApiError
 from covid_cxr.service.settings import ServiceSettings
 from covid_cxr.service.trail import key_id
 from covid_cxr.service.uploads import UploadedFile
@@ -288,3 +290,34 @@ def test_starting_the_service_does_not_import_torch() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_a_waiting_request_that_goes_away_passes_its_place_on() -> None:
+    """However a waiting request ends (time out, client gone before or after a place was
+    handed to it), the count of admitted requests comes back to zero."""
+
+    async def hold(pool: InferencePool, wait_s: float) -> None:
+        async with pool.admit(wait_s):
+            await asyncio.sleep(10)
+
+    async def scenario() -> list[int]:
+        pool = InferencePool(workers=1, queue_size=0, max_queue_wait_s=0.0)
+        counts = []
+        async with pool.admit():
+            early = asyncio.create_task(hold(pool, 5))
+            late = asyncio.create_task(hold(pool, 5))
+            await asyncio.sleep(0.01)
+            early.cancel()  # gone while waiting
+            await asyncio.gather(early, return_exceptions=True)
+            counts.append(pool.admitted)
+        late.cancel()  # the place was just handed to it: gone before it could use it
+        await asyncio.gather(late, return_exceptions=True)
+        counts.append(pool.admitted)
+        with pytest.raises(ApiError, match="busy"):
+            async with pool.admit(), pool.admit(0.05):
+                pass
+        counts.append(pool.admitted)
+        pool.shutdown()
+        return counts
+
+    assert asyncio.run(scenario()) == [1, 0, 0]
