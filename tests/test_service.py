@@ -156,14 +156,18 @@ def test_an_out_of_scope_refusal_is_recorded_as_refused() -> None:
     assert len(recorder.events) == 3
 
 
-async def _burst(app, count: int, headers: dict[str, str]) -> list[httpx.Response]:
+async def _burst(
+    app, count: int, headers: dict[str, str], params: dict[str, str] | None = None
+) -> list[httpx.Response]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(
         transport=transport, base_url="http://testserver", headers={"X-API-Key": API_KEY}
     ) as client:
         return await asyncio.gather(
             *(
-                client.post(PREDICT, files={"file": ("x.png", b"x")}, headers=headers)
+                client.post(
+                    PREDICT, files={"file": ("x.png", b"x")}, headers=headers, params=params
+                )
                 for _ in range(count)
             )
         )
@@ -191,6 +195,8 @@ def test_clients_that_prefer_to_wait_are_served() -> None:
     responses = asyncio.run(_burst(app, 8, {"Prefer": "wait=5"}))
     assert [r.status_code for r in responses] == [200] * 8
     assert app.state.service.pool.admitted == 0
+    by_query = asyncio.run(_burst(app, 8, {}, {"wait": "5"}))
+    assert [r.status_code for r in by_query] == [200] * 8
     # Asking for longer than the server allows is capped, not refused.
     impatient = make_app(SlowEngine(0.5), queue_size=0, max_client_wait_s=0.2)
     statuses = sorted(
