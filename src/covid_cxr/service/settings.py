@@ -23,10 +23,10 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 SECRETS = ("api_key",)
 
 
-def _opt(default: Any, help: str, *, flag: str | None = None, **cli: Any) -> Any:
-    """A settings field with its CLI help; `flag` renames the option (e.g. a repeatable one);
-    cli=False keeps it to the environment only."""
-    return field(default=default, metadata={"help": help, "flag": flag, **cli})
+def _opt(default: Any, help: str, *, flag: str | None = None, **argparse: Any) -> Any:
+    """A settings field with its `serve` help; `flag` renames the option (e.g. a repeatable
+    one); other keywords (metavar, choices) go to argparse as they are."""
+    return field(default=default, metadata={"help": help, "flag": flag, **argparse})
 
 
 @dataclass(frozen=True)
