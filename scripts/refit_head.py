@@ -33,7 +33,7 @@ from covid_cxr.evaluation.thresholds import BALANCED_YOUDEN, choose_operating_po
 from covid_cxr.inference.batch import map_ordered
 from covid_cxr.inference.metadata import FEATURES, CamHead, read_metadata, set_metadata
 from covid_cxr.inference.predictor import Predictor
-from covid_cxr.inference.runtime import sigmoid
+from covid_cxr.numeric import sigmoid
 from covid_cxr.paths import DEFAULT_MODEL
 
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
