@@ -21,6 +21,8 @@ STAGES = (
     "covid_cxr.inference.cli",
     "covid_cxr.service.cli",
     "covid_cxr.segmentation.cli",
+    "covid_cxr.adaptation.cli",
+    "covid_cxr.pacs.cli",
 )
 
 # Top-level modules of the `[train]` extra: training, evaluation plots and export need them.

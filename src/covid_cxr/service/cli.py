@@ -38,7 +38,8 @@ def _add_flag(parser: argparse.ArgumentParser, setting: dataclasses.Field, hint:
     """One option for one settings field; defaults stay None so the environment can fill in."""
     meta = dict(setting.metadata)
     flag = meta.pop("flag") or "--" + setting.name.replace("_", "-")
-    options: dict[str, Any] = {"help": meta.pop("help"), "dest": setting.name, **meta}
+    options: dict[str, Any] = {"help": meta.pop("help"), "dest": setting.name}
+    options.update({key: value for key, value in meta.items() if value is not None})
     tp, _ = field_type(hint)
     if tp is bool:
         options["action"] = argparse.BooleanOptionalAction
@@ -46,6 +47,7 @@ def _add_flag(parser: argparse.ArgumentParser, setting: dataclasses.Field, hint:
         options["action"] = "append"
     elif tp in (int, float):
         options["type"] = tp
+        options.setdefault("metavar", "SECONDS" if setting.name.endswith("_s") else "N")
     parser.add_argument(flag, **options)
 
 

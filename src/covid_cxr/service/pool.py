@@ -95,6 +95,11 @@ class InferencePool:
             if place.done():
                 return  # handed over just as the time ran out: keep it
             raise self.overloaded() from None
+        except BaseException:
+            if place.done():  # handed over, but the request is going away: pass it on
+                self.admitted -= 1
+                self._hand_over()
+            raise
         finally:
             if not place.done():
                 place.cancel()
@@ -106,8 +111,10 @@ class InferencePool:
             self.admitted += 1
             place.set_result(None)
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """`fn(*args)` in a worker thread; its duration feeds the service-time average."""
+    async def run(self, fn: Callable[..., T], *args: object, files: int = 1) -> T:
+        """`fn(*args)` in a worker thread; its duration per file feeds the service-time
+        average (a batch counts as one request in the queue, so a queue of batches is
+        underestimated until their times come in)."""
 
         seconds: list[float] = []
 
@@ -122,7 +129,8 @@ class InferencePool:
             return await asyncio.wrap_future(self._executor.submit(timed))
         finally:
             if seconds:
-                self.service_s += EWMA_WEIGHT * (seconds[0] - self.service_s)
+                per_file = seconds[0] / max(files, 1)
+                self.service_s += EWMA_WEIGHT * (per_file - self.service_s)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -23,10 +23,10 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 SECRETS = ("api_key",)
 
 
-def _opt(default: Any, help: str, *, flag: str | None = None, **cli: Any) -> Any:
-    """A settings field with its CLI help; `flag` renames the option (e.g. a repeatable one);
-    cli=False keeps it to the environment only."""
-    return field(default=default, metadata={"help": help, "flag": flag, **cli})
+def _opt(default: Any, help: str, *, flag: str | None = None, **argparse: Any) -> Any:
+    """A settings field with its `serve` help; `flag` renames the option (e.g. a repeatable
+    one); other keywords (metavar, choices) go to argparse as they are."""
+    return field(default=default, metadata={"help": help, "flag": flag, **argparse})
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,16 @@ class ServiceSettings:
     host: str = _opt("127.0.0.1", "address to listen on (default 127.0.0.1: this machine only)")
     port: int = _opt(8000, "port (default 8000)")
     workers: int = _opt(1, "server processes, each with its own model (default 1)")
-    model: str | None = _opt(None, "ONNX file or checkpoint (default: the shipped model)")
+    model: str | None = _opt(
+        None, "ONNX file or checkpoint (default: the shipped model)", metavar="PATH"
+    )
     operating_point: str | None = _opt(
         None, "named threshold of the model (default: the model's own)"
+    )
+    gate: bool = _opt(
+        True,
+        "refuse images that are not frontal chest radiographs (default on; --no-gate or "
+        "COVID_CXR_GATE=off bypasses the input gate, for research only)",
     )
     threads: int | None = _opt(1, "runtime threads per prediction (default 1)")
     inference_workers: int = _opt(2, "predictions at once per process (default 2)")
@@ -64,7 +71,7 @@ class ServiceSettings:
     # limit stay near 450 MiB, under 600 MiB (tests/test_hostile_inputs.py measures it).
     max_pixels: int = _opt(4096 * 4096, "largest image in pixels (default 4096 x 4096)")
     upload_timeout_s: float = _opt(
-        30.0, "longest an upload may take, however fast it arrives (default 30 s)"
+        60.0, "longest an upload may take, however fast it arrives (default 60 s)"
     )
     min_upload_kbps: float = _opt(
         64.0, "an upload slower than this many KiB/s after its first 2 s gets 408 (default 64)"
@@ -74,6 +81,7 @@ class ServiceSettings:
         None,
         "require this X-API-Key for /api/* (prefer COVID_CXR_API_KEY: the command line "
         "is visible to other users of the machine)",
+        metavar="KEY",
     )
     allowed_hosts: tuple[str, ...] = _opt(
         (),
@@ -89,12 +97,14 @@ class ServiceSettings:
         metavar="ORIGIN",
     )
     max_connections: int = _opt(
-        256, "open connections per process beyond which new ones get 503 (default 256)"
+        256,
+        "most open connections per process; a new one beyond closes the longest-idle, or gets "
+        "503 when none is idle (default 256)",
     )
     keep_alive_s: float = _opt(5.0, "close a keep-alive connection idle this long (default 5 s)")
     max_header_kb: int = _opt(64, "largest request head, in KiB (default 64)")
-    ssl_certfile: str | None = _opt(None, "serve HTTPS with this PEM certificate")
-    ssl_keyfile: str | None = _opt(None, "private key of --ssl-certfile")
+    ssl_certfile: str | None = _opt(None, "serve HTTPS with this PEM certificate", metavar="PATH")
+    ssl_keyfile: str | None = _opt(None, "private key of --ssl-certfile", metavar="PATH")
     access_log: bool = _opt(True, "log each request line")
     log_level: str = _opt("info", "log level (default info)", choices=LOG_LEVELS)
 

@@ -98,4 +98,6 @@ async def predict_batch(
         form = await read_form(request, _limits(settings, batch=True), FLAG_FIELDS)
         cam, preview = _flag(form, "cam", cam), _flag(form, "preview", preview)
         dicom = _flag(form, "dicom", dicom)
-        return await pool.run(trail.predict_batch, form.files, cam, preview, dicom)
+        return await pool.run(
+            trail.predict_batch, form.files, cam, preview, dicom, files=len(form.files)
+        )
