@@ -20,6 +20,7 @@ STAGES = (
     "covid_cxr.evaluation.cli",
     "covid_cxr.inference.cli",
     "covid_cxr.service.cli",
+    "covid_cxr.audit.cli",
 )
 
 

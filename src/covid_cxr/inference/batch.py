@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from covid_cxr.errors import failure_reason
+from covid_cxr.errors import error_code, failure_reason
 from covid_cxr.inference.predictor import Prediction, Predictor, PreparedImage
 
 # What a folder walk picks up; files named explicitly or by a glob are always tried.
@@ -33,6 +33,7 @@ class Failure:
 
     source: str
     reason: str
+    code: str = "not_found"  # errors.error_code of the cause; arguments naming nothing: not_found
 
 
 @dataclass
@@ -129,7 +130,7 @@ def predict_files(
     good_count = 0
     for path, result in prepared:
         if isinstance(result, BaseException):
-            window.append((path, Failure(str(path), failure_reason(result))))
+            window.append((path, Failure(str(path), failure_reason(result), error_code(result))))
         else:
             window.append((path, result))
             good_count += 1

@@ -68,6 +68,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_predict(subparsers: argparse._SubParsersAction) -> None:
+    from covid_cxr.audit.cli import add_audit_options
     from covid_cxr.inference.writers import FORMATS
 
     parser = subparsers.add_parser(
@@ -92,6 +93,7 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=_positive, default=2, help="decoding threads")
     parser.add_argument("--threads", type=_positive, help="model threads (ONNX default 1)")
     parser.add_argument("--operating-point", help="a named threshold of the model")
+    add_audit_options(parser)
     parser.set_defaults(func=run_predict)
 
 
@@ -133,6 +135,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
+    from covid_cxr.audit.capture import CliTrail
+    from covid_cxr.audit.cli import audit_url
     from covid_cxr.errors import DataError, ModelError
     from covid_cxr.explain.gradcam import overlay
     from covid_cxr.inference.batch import Failure, gather, predict_files
@@ -146,6 +150,7 @@ def run_predict(args: argparse.Namespace) -> int:
     inputs = gather(args.paths)
     if not inputs.files and not inputs.failures:
         raise DataError(f"no radiographs found in {' '.join(args.paths)}")
+    trail = CliTrail(audit_url(args), predictor)  # each input is recorded before its row
     if args.cam:
         args.cam.mkdir(parents=True, exist_ok=True)
     stream = args.output.open("w", encoding="utf-8", newline="") if args.output else sys.stdout
@@ -165,6 +170,7 @@ def run_predict(args: argparse.Namespace) -> int:
     try:
         for failure in inputs.failures:
             print(f"covid-cxr predict: {failure.source}: {failure.reason}", file=sys.stderr)
+            trail.record(failure.source, failure)
             writer.write(record(failure.source, failure, None))
             failed += 1
         results = predict_files(
@@ -188,10 +194,12 @@ def run_predict(args: argparse.Namespace) -> int:
                         cam_file
                     )
                     cam_path = str(cam_file)
+            trail.record(path, result)
             writer.write(record(str(path), result, cam_path))
             bar.update()
     finally:
         bar.close()
+        trail.close()
         if stream is not sys.stdout:
             stream.close()
     elapsed = time.perf_counter() - start
