@@ -10,7 +10,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from covid_cxr.audit.events import PredictionEvent, new_request_id, utc_now
+from covid_cxr.audit.events import PredictionEvent, new_request_id, outcome_of, utc_now
 from covid_cxr.imaging.read import sniff_format
 
 if TYPE_CHECKING:
@@ -45,7 +45,8 @@ def cli_event(
         "model_version": predictor.version,
     }
     if isinstance(result, Failure):
-        return PredictionEvent(**common, input_format=sniffed, outcome="failed", reason=result.code)
+        outcome = outcome_of(result.code)
+        return PredictionEvent(**common, input_format=sniffed, outcome=outcome, reason=result.code)
     return PredictionEvent(
         **common,
         input_format=result.radiograph.format,

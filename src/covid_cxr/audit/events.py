@@ -18,6 +18,8 @@ Channel = Literal["api", "cli"]
 # "failed": the input could not be read or used (the reason code says why).
 Outcome = Literal["predicted", "refused", "failed"]
 OUTCOMES: tuple[Outcome, ...] = ("predicted", "refused", "failed")
+# Reason codes that mean "refused by the input gate" rather than "failed".
+REFUSAL_CODES = frozenset({"out_of_scope"})
 CHANNELS: tuple[Channel, ...] = ("api", "cli")
 
 
@@ -43,6 +45,13 @@ class PredictionEvent:
 def utc_now() -> str:
     """The current time as an event wants it: ISO 8601 in UTC, to the microsecond."""
     return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def outcome_of(code: str | None) -> Outcome:
+    """The outcome of a result with this error code (None: it was predicted)."""
+    if code is None:
+        return "predicted"
+    return "refused" if code in REFUSAL_CODES else "failed"
 
 
 def new_request_id() -> str:
