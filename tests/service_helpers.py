@@ -1,31 +1,44 @@
-"""A real covid-cxr server for the API and browser tests: `covid-cxr serve` in a subprocess.
+"""The service under test, two ways.
 
-One server per test session, shared by tests/test_api.py and tests/test_browser.py (started
-by whichever runs first, stopped at the end of the session). It runs with an API key, CORS for
-one origin and small limits so that every limit can be hit cheaply, and with an audit hook
-that records every file the server process opens for writing: the proof that uploads never
-touch the disk.
+In process (tests/test_api.py): `make_app` builds the FastAPI app with test settings and the
+real model loaded once per session (`loaded_engine`), swapped in through the engine
+dependency; an httpx client talks to it over ASGI, no sockets.
+
+A real server (tests/test_server.py, tests/test_browser.py): `covid-cxr serve` in a
+subprocess, one per test session, started by whichever test needs it first. It runs with an
+API key, CORS for one origin and small limits so that every limit can be hit cheaply, and
+with an audit hook that records every file the server process opens for writing: the proof
+that uploads never touch the disk.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from PIL import Image
 
 from covid_cxr.paths import DEFAULT_MODEL
-from covid_cxr.service.launcher import RunningServer, start_server
+from covid_cxr.service.app import create_app
+from covid_cxr.service.dependencies import get_engine
+from covid_cxr.service.settings import ServiceSettings
+from server_launcher import RunningServer, start_server
 
 API_KEY = "test-key-0123456789"
 CORS_ORIGIN = "http://allowed.example"
 MAX_UPLOAD_MB = 4
 MAX_BATCH_FILES = 4
 UPLOAD_TIMEOUT_S = 3
+MAX_CONNECTIONS = 32
+MAX_HEADER_KB = 16
+KEEP_ALIVE_S = 1
 SERVER_ARGS = [
     "--max-upload-mb", str(MAX_UPLOAD_MB),
     "--max-batch-files", str(MAX_BATCH_FILES),
@@ -34,6 +47,9 @@ SERVER_ARGS = [
     "--queue-size", "2",
     "--threads", "1",
     "--cors-origin", CORS_ORIGIN,
+    "--max-connections", str(MAX_CONNECTIONS),
+    "--max-header-kb", str(MAX_HEADER_KB),
+    "--keep-alive-s", str(KEEP_ALIVE_S),
 ]  # fmt: skip
 
 # Runs in the server process before covid-cxr starts: every open() with a write flag is
@@ -98,6 +114,41 @@ def service_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
         save_checkpoint(path, create("efficientnet-lite0", pretrained=False), info)
     return path
+
+
+TEST_SETTINGS = {
+    "api_key": API_KEY,
+    "cors_origins": (CORS_ORIGIN,),
+    "allowed_hosts": ("testserver",),
+    "max_upload_mb": MAX_UPLOAD_MB,
+    "max_batch_files": MAX_BATCH_FILES,
+    "max_batch_mb": 8.0,
+    "inference_workers": 1,
+    "queue_size": 2,
+}
+
+
+def make_app(engine: object | None, **settings: object) -> FastAPI:
+    """The app with the test settings (plus `settings`), serving `engine` (None: not loaded)."""
+    app = create_app(ServiceSettings(**{**TEST_SETTINGS, **settings}))
+    if engine is not None:
+        app.dependency_overrides[get_engine] = lambda: engine
+    return app
+
+
+@contextmanager
+def asgi_client(app: FastAPI, key: str | None = API_KEY) -> Iterator[httpx.Client]:
+    """A client that calls the app in this process, without sockets. The app's lifespan does
+    not run, so no model loads in the background: the engine is whatever `make_app` put in."""
+    from fastapi.testclient import TestClient
+
+    client = TestClient(app, base_url="http://testserver")
+    if key:
+        client.headers["X-API-Key"] = key
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 _SERVERS: dict[str, Server] = {}

@@ -1,12 +1,20 @@
-"""`covid-cxr serve`: the web page and REST API under uvicorn, with the shipped model."""
+"""`covid-cxr serve`: the web page and REST API under uvicorn, with the shipped model.
+
+The flags are made from `ServiceSettings`' fields (name, type, help), so a new setting is a
+new flag and a new COVID_CXR_* variable at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
+from typing import Any
 
 from covid_cxr import RESEARCH_NOTICE
+from covid_cxr.service.settings import ServiceSettings, field_type
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -20,65 +28,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             f"can also be set as COVID_CXR_<OPTION> (e.g. COVID_CXR_API_KEY). {RESEARCH_NOTICE}"
         ),
     )
-    add = parser.add_argument
-    add("--host", help="address to listen on (default 127.0.0.1: this machine only)")
-    add("--port", type=int, help="port (default 8000)")
-    add("--workers", type=int, help="server processes, each with its own model (default 1)")
-    add("--model", help="ONNX file or checkpoint (default: the shipped model)")
-    add("--operating-point", help="named threshold of the model (default: the model's own)")
-    add("--threads", type=int, help="runtime threads per prediction (default 1)")
-    add("--inference-workers", type=int, help="predictions at once per process (default 2)")
-    add("--queue-size", type=int, help="predictions that may wait before 503 (default 32)")
-    add("--max-upload-mb", type=float, help="largest file accepted (default 20)")
-    add("--max-batch-files", type=int, help="most files in one batch request (default 16)")
-    add("--max-batch-mb", type=float, help="largest batch request (default 100)")
-    add("--max-pixels", type=int, help="largest image in pixels (default 40,000,000)")
-    add(
-        "--api-key",
-        help="require this X-API-Key for /api/* (prefer COVID_CXR_API_KEY: the command line "
-        "is visible to other users of the machine)",
-    )
-    add(
-        "--cors-origin",
-        action="append",
-        dest="cors_origins",
-        metavar="ORIGIN",
-        help="allow browser calls from this origin (repeatable; default: CORS off)",
-    )
-    add("--access-log", action=argparse.BooleanOptionalAction, help="log each request line")
-    add("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    hints = typing.get_type_hints(ServiceSettings)
+    for setting in dataclasses.fields(ServiceSettings):
+        _add_flag(parser, setting, hints[setting.name])
     parser.set_defaults(func=run)
+
+
+def _add_flag(parser: argparse.ArgumentParser, setting: dataclasses.Field, hint: Any) -> None:
+    """One option for one settings field; defaults stay None so the environment can fill in."""
+    meta = dict(setting.metadata)
+    flag = meta.pop("flag") or "--" + setting.name.replace("_", "-")
+    options: dict[str, Any] = {"help": meta.pop("help"), "dest": setting.name}
+    options.update({key: value for key, value in meta.items() if value is not None})
+    tp, _ = field_type(hint)
+    if tp is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(tp) is tuple:
+        options["action"] = "append"
+    elif tp in (int, float):
+        options["type"] = tp
+        options.setdefault("metavar", "SECONDS" if setting.name.endswith("_s") else "N")
+    parser.add_argument(flag, **options)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
+    """Environment first, then the flags that were given."""
+    overrides = {}
+    for setting in dataclasses.fields(ServiceSettings):
+        value = getattr(args, setting.name, None)
+        overrides[setting.name] = tuple(value) if isinstance(value, list) else value
+    return ServiceSettings.from_env(**overrides)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from covid_cxr.inference.predictor import resolve_model_path
-    from covid_cxr.service.settings import ServiceSettings
+    from covid_cxr.service.connections import uvicorn_options
 
-    overrides = {
-        name: getattr(args, name)
-        for name in (
-            "host",
-            "port",
-            "workers",
-            "model",
-            "operating_point",
-            "threads",
-            "inference_workers",
-            "queue_size",
-            "max_upload_mb",
-            "max_batch_files",
-            "max_batch_mb",
-            "max_pixels",
-            "api_key",
-            "access_log",
-            "log_level",
-        )
-    }
-    if args.cors_origins:
-        overrides["cors_origins"] = tuple(args.cors_origins)
-    settings = ServiceSettings.from_env(**overrides)
+    settings = settings_from_args(args)
     # Fail here, with the reason, rather than in a worker process after start-up.
     model = resolve_model_path(settings.model)
     if settings.host not in LOOPBACK and settings.api_key is None:
@@ -89,21 +77,11 @@ def run(args: argparse.Namespace) -> int:
         )
     # Worker processes import the app by name and rebuild these settings from the environment.
     os.environ.update(settings.to_env())
+    scheme = "https" if settings.ssl_certfile else "http"
     print(
-        f"covid-cxr: serving {model.name} on http://{settings.host}:{settings.port}/ "
+        f"covid-cxr: serving {model.name} on {scheme}://{settings.host}:{settings.port}/ "
         f"(API docs at /docs). {RESEARCH_NOTICE}",
         file=sys.stderr,
     )
-    uvicorn.run(
-        "covid_cxr.service.app:app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        server_header=False,
-        timeout_keep_alive=5,
-        timeout_graceful_shutdown=10,
-    )
+    uvicorn.run("covid_cxr.service.app:app_from_env", factory=True, **uvicorn_options(settings))
     return 0

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from covid_cxr import RESEARCH_NOTICE
-from covid_cxr.errors import EmptyFileError, NotAnImageError, RadiographError
+from covid_cxr.errors import EmptyFileError, NotAnImageError
+from covid_cxr.paths import SHIPPED
 from covid_cxr.service import schemas
-from covid_cxr.service.responses import ApiError, radiograph_error
 from covid_cxr.service.security import FORMATS
 from covid_cxr.service.settings import ServiceSettings
 from covid_cxr.service.uploads import UploadedFile, too_large
@@ -27,9 +26,13 @@ if TYPE_CHECKING:
     from covid_cxr.imaging import Radiograph
     from covid_cxr.inference.predictor import Predictor
 
-log = logging.getLogger("covid_cxr.service")
-
 CAM_ALPHA = 0.4
+# Where the model was trained from is the operator's business, not the API client's.
+PRIVATE_METADATA = {"manifest"}
+MODEL_CARD = (
+    "the shipped model's card, covid_cxr/shipped/README.md in the package: test-set and "
+    "external results with 95% confidence intervals"
+)
 INTENDED_USE = (
     "Research and teaching: to show how a convolutional network trained on public chest "
     "X-ray collections separates COVID-19 from other radiographs, and where it looks. "
@@ -42,6 +45,15 @@ LIMITATIONS = [
     "Probabilities are not calibrated to any clinical population's prevalence.",
     "Frontal (PA/AP) adult radiographs only; lateral views, CT and children are out of scope.",
 ]
+
+
+def stored_metrics(metadata: dict[str, Any]) -> dict[str, float]:
+    """The evaluation figures stored with the model: its `metrics`, else the validation
+    figures training kept (val_auc, ...). Test-set results live in the model card."""
+    metrics = metadata.get("metrics") or {
+        key: value for key, value in metadata.items() if key.startswith("val_")
+    }
+    return {key: float(value) for key, value in metrics.items() if isinstance(value, int | float)}
 
 
 def _png(image: np.ndarray) -> schemas.ImagePNG:
@@ -87,6 +99,10 @@ class Engine:
     @property
     def version(self) -> str:
         return str(self.predictor.version)
+
+    @property
+    def name(self) -> str:
+        return self.predictor.info.name
 
     def read(self, upload: UploadedFile) -> Radiograph:
         from covid_cxr.imaging.read import read_radiograph, sniff_format
@@ -142,33 +158,9 @@ class Engine:
             preview=preview_png,
         )
 
-    def analyse_batch(
-        self, uploads: list[UploadedFile], cam: bool, preview: bool
-    ) -> schemas.BatchResponse:
-        """Each file on its own: a bad one gets its error, the others their results."""
-        items = []
-        for index, upload in enumerate(uploads):
-            item = schemas.BatchItem(index=index, filename=upload.filename, status=200)
-            try:
-                item.result = self.analyse(upload, cam, preview)
-            except RadiographError as exc:
-                item.status, item.error = radiograph_error(exc)
-            except ApiError as exc:
-                item.status, item.error = exc.status, exc.body
-            except Exception as exc:
-                # The type only: messages can carry image content or DICOM fields.
-                log.error("internal error %s on batch file %d", type(exc).__name__, index)
-                item.status = 500
-                item.error = schemas.ErrorBody(
-                    code="internal_error", message="the server failed on this file"
-                )
-            items.append(item)
-        failed = sum(item.error is not None for item in items)
-        return schemas.BatchResponse(count=len(items), failed=failed, results=items)
-
     def model_card(self, api_key_required: bool) -> schemas.ModelCard:
         info = self.predictor.info
-        metadata = dict(info.metadata or {})
+        metadata = {k: v for k, v in (info.metadata or {}).items() if k not in PRIVATE_METADATA}
         settings = self.settings
         return schemas.ModelCard(
             name=info.name,
@@ -179,7 +171,8 @@ class Engine:
             cam_available=self.predictor.cam_available,
             thresholds={k: float(v) for k, v in info.thresholds.items()},
             preprocess=info.preprocess.to_dict(),
-            metrics=dict(metadata.get("metrics") or {}),
+            metrics=stored_metrics(metadata),
+            model_card=MODEL_CARD if self.predictor.path.resolve().parent == SHIPPED else None,
             metadata=metadata,
             intended_use=INTENDED_USE,
             limitations=LIMITATIONS,

@@ -84,7 +84,12 @@ class ModelCard(BaseModel):
     cam_available: bool = Field(description="whether predictions can carry a Grad-CAM map")
     thresholds: dict[str, float]
     preprocess: dict[str, Any]
-    metrics: dict[str, Any] = Field(description="evaluation figures stored with the model")
+    metrics: dict[str, float] = Field(
+        description="evaluation figures stored with the model (validation split)"
+    )
+    model_card: str | None = Field(
+        None, description="where the full results are documented (shipped models)"
+    )
     metadata: dict[str, Any]
     intended_use: str
     limitations: list[str]

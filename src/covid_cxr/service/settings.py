@@ -1,7 +1,9 @@
 """Every knob of the web service in one typed place, read from COVID_CXR_* and the CLI.
 
-The CLI writes the resolved settings back to the environment (`to_env`) so that each uvicorn
-worker process, which imports the app by name, builds the very same settings (`from_env`).
+Each field carries its help text; `covid-cxr serve` builds its flags from these fields, so a
+setting is declared once. The CLI writes the resolved settings back to the environment
+(`to_env`) so that each uvicorn worker process, which imports the app by name, builds the very
+same settings (`from_env`).
 """
 
 from __future__ import annotations
@@ -10,48 +12,92 @@ import dataclasses
 import os
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from covid_cxr.errors import ConfigError
 
 ENV_PREFIX = "COVID_CXR_"
 MIB = 1024 * 1024
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+SECRETS = ("api_key",)
+
+
+def _opt(default: Any, help: str, *, flag: str | None = None, **cli: Any) -> Any:
+    """A settings field with its CLI help; `flag` renames the option (e.g. a repeatable one);
+    cli=False keeps it to the environment only."""
+    return field(default=default, metadata={"help": help, "flag": flag, **cli})
 
 
 @dataclass(frozen=True)
 class ServiceSettings:
     """How `covid-cxr serve` runs; each field is also env var COVID_CXR_<FIELD NAME>.
 
-    model: ONNX file or checkpoint; None serves the shipped default model.
-    threads: intra-op threads per inference worker (None: the runtime's choice).
-    inference_workers: predictions running at once; queue_size more may wait, and beyond
-        that requests get 503 at once instead of piling up.
-    max_upload_mb: largest single file; max_batch_mb: largest batch request body.
-    max_pixels: decompression-bomb guard, checked from the image header before decoding.
-    image_max_side: longest side of the heat-map and preview PNGs sent back.
-    api_key: when set, /api/* needs header X-API-Key; the page and health checks stay open.
-    cors_origins: origins allowed to call the API from a browser; empty: CORS off.
+    inference_workers run predictions at once; a request is admitted while its expected wait
+    (queue x measured service time) stays under max_queue_wait_s and at most queue_size wait;
+    clients that send `Prefer: wait=N` are held up to N s (max_client_wait_s) for a place
+    instead of an immediate 503.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    model: str | None = None
-    operating_point: str | None = None
-    threads: int | None = 1
-    inference_workers: int = 2
-    queue_size: int = 32
-    max_upload_mb: float = 20.0
-    max_batch_files: int = 16
-    max_batch_mb: float = 100.0
-    max_pixels: int = 40_000_000
-    upload_timeout_s: float = 60.0
-    image_max_side: int = 1024
-    api_key: str | None = None
-    cors_origins: tuple[str, ...] = ()
-    access_log: bool = True
-    log_level: str = "info"
+    host: str = _opt("127.0.0.1", "address to listen on (default 127.0.0.1: this machine only)")
+    port: int = _opt(8000, "port (default 8000)")
+    workers: int = _opt(1, "server processes, each with its own model (default 1)")
+    model: str | None = _opt(
+        None, "ONNX file or checkpoint (default: the shipped model)", metavar="PATH"
+    )
+    operating_point: str | None = _opt(
+        None, "named threshold of the model (default: the model's own)"
+    )
+    threads: int | None = _opt(1, "runtime threads per prediction (default 1)")
+    inference_workers: int = _opt(2, "predictions at once per process (default 2)")
+    queue_size: int = _opt(64, "most predictions waiting before 503 (default 64)")
+    max_queue_wait_s: float = _opt(
+        2.0, "admit a request while its expected wait is below this (default 2 s)"
+    )
+    max_client_wait_s: float = _opt(
+        10.0, "longest `Prefer: wait=N` a client may ask for instead of a 503 (default 10 s)"
+    )
+    max_upload_mb: float = _opt(20.0, "largest file accepted (default 20)")
+    max_batch_files: int = _opt(16, "most files in one batch request (default 16)")
+    max_batch_mb: float = _opt(100.0, "largest batch request (default 100)")
+    max_pixels: int = _opt(40_000_000, "largest image in pixels (default 40,000,000)")
+    upload_timeout_s: float = _opt(
+        30.0, "longest an upload may take, however fast it arrives (default 30 s)"
+    )
+    min_upload_kbps: float = _opt(
+        64.0, "an upload slower than this many KiB/s after its first 2 s gets 408 (default 64)"
+    )
+    image_max_side: int = _opt(1024, "longest side of returned heat-map PNGs (default 1024)")
+    api_key: str | None = _opt(
+        None,
+        "require this X-API-Key for /api/* (prefer COVID_CXR_API_KEY: the command line "
+        "is visible to other users of the machine)",
+        metavar="KEY",
+    )
+    allowed_hosts: tuple[str, ...] = _opt(
+        (),
+        "accept requests whose Host header names this (repeatable; default: localhost "
+        "names and the --host address; * turns the check off)",
+        flag="--allowed-host",
+        metavar="NAME",
+    )
+    cors_origins: tuple[str, ...] = _opt(
+        (),
+        "allow browser calls from this origin (repeatable; default: CORS off)",
+        flag="--cors-origin",
+        metavar="ORIGIN",
+    )
+    max_connections: int = _opt(
+        256,
+        "most open connections per process; a new one beyond closes the longest-idle, or gets "
+        "503 when none is idle (default 256)",
+    )
+    keep_alive_s: float = _opt(5.0, "close a keep-alive connection idle this long (default 5 s)")
+    max_header_kb: int = _opt(64, "largest request head, in KiB (default 64)")
+    ssl_certfile: str | None = _opt(None, "serve HTTPS with this PEM certificate", metavar="PATH")
+    ssl_keyfile: str | None = _opt(None, "private key of --ssl-certfile", metavar="PATH")
+    access_log: bool = _opt(True, "log each request line")
+    log_level: str = _opt("info", "log level (default info)", choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:
         checks = {
@@ -60,22 +106,41 @@ class ServiceSettings:
             "threads": self.threads is None or self.threads >= 1,
             "inference_workers": self.inference_workers >= 1,
             "queue_size": self.queue_size >= 0,
+            "max_queue_wait_s": self.max_queue_wait_s >= 0,
+            "max_client_wait_s": self.max_client_wait_s >= 0,
             "max_upload_mb": self.max_upload_mb > 0,
             "max_batch_files": self.max_batch_files >= 1,
             "max_batch_mb": self.max_batch_mb >= self.max_upload_mb,
             "max_pixels": self.max_pixels >= 64 * 64,
             "upload_timeout_s": self.upload_timeout_s > 0,
+            "min_upload_kbps": self.min_upload_kbps >= 0,
             "image_max_side": 64 <= self.image_max_side <= 8192,
             "api_key": self.api_key is None or len(self.api_key) >= 8,
-            "log_level": self.log_level in ("critical", "error", "warning", "info", "debug"),
+            "max_connections": self.max_connections >= 8,
+            "keep_alive_s": self.keep_alive_s > 0,
+            "max_header_kb": 4 <= self.max_header_kb <= 1024,
+            "ssl_keyfile": (self.ssl_certfile is None) == (self.ssl_keyfile is None),
+            "log_level": self.log_level in LOG_LEVELS,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(
                 f"invalid service setting(s) {bad}: "
-                + ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
-                + " (max_batch_mb must be at least max_upload_mb; an API key has >= 8 characters)"
+                + ", ".join(f"{name}={self.shown(name)}" for name in bad)
+                + " (max_batch_mb must be at least max_upload_mb; an API key has >= 8 "
+                "characters; ssl_certfile and ssl_keyfile go together)"
             )
+
+    def shown(self, name: str) -> str:
+        """A field's value for messages: secrets are never echoed, not even a wrong one."""
+        value = getattr(self, name)
+        if name in SECRETS and value is not None:
+            return f"<hidden, {len(value)} characters>"
+        return repr(value)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={self.shown(f.name)}" for f in dataclasses.fields(self))
+        return f"ServiceSettings({fields})"
 
     @property
     def max_upload_bytes(self) -> int:
@@ -122,13 +187,20 @@ TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
 
 
-def _parse(raw: str, tp: Any, where: str) -> Any:
-    """One env string as the field's type; an empty string means None for optional fields."""
+def field_type(tp: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed) of a settings field's annotation."""
     args = typing.get_args(tp)
     if type(None) in args:
-        if raw.strip() == "":
-            return None
-        (tp,) = [a for a in args if a is not type(None)]
+        (inner,) = [a for a in args if a is not type(None)]
+        return inner, True
+    return tp, False
+
+
+def _parse(raw: str, tp: Any, where: str) -> Any:
+    """One env string as the field's type; an empty string means None for optional fields."""
+    tp, optional = field_type(tp)
+    if optional and raw.strip() == "":
+        return None
     try:
         if tp is bool:
             word = raw.strip().lower()

@@ -30,6 +30,11 @@ class UploadedFile:
     filename: str | None
     data: bytes
     too_large: bool = False  # over the per-file limit: its bytes were dropped
+    size: int = -1  # bytes received (-1: len(data))
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            self.size = len(self.data)
 
 
 @dataclass
@@ -139,7 +144,7 @@ class _Collector:
         data = b"".join(self._chunks)
         self._chunks = []
         if self._is_file:
-            self.form.files.append(UploadedFile(self._filename, data, self._too_large))
+            self.form.files.append(UploadedFile(self._filename, data, self._too_large, self._size))
         elif self._name in self.known_fields:
             self.form.fields[self._name] = data.decode("utf-8", "replace")
 
@@ -147,14 +152,29 @@ class _Collector:
         self.ended = True
 
 
+@dataclass(frozen=True)
+class UploadLimits:
+    """How much and how fast: an upload may take `timeout_s` at most, and after the first
+    `grace_s` seconds it must keep up an average of `min_rate` bytes/s (0: no minimum), so a
+    stalled client is dropped in seconds rather than holding its place and memory."""
+
+    max_body: int
+    max_file: int
+    max_files: int
+    timeout_s: float
+    min_rate: float = 0.0
+    grace_s: float = 2.0
+
+    def deadline(self, start: float, received: int) -> float:
+        """When the next bytes must have arrived, on the event loop's clock."""
+        latest = start + self.timeout_s
+        if self.min_rate <= 0:
+            return latest
+        return min(latest, start + self.grace_s + received / self.min_rate)
+
+
 async def read_form(
-    request: Request,
-    *,
-    max_body: int,
-    max_file: int,
-    max_files: int,
-    timeout_s: float,
-    known_fields: tuple[str, ...] = (),
+    request: Request, limits: UploadLimits, known_fields: tuple[str, ...] = ()
 ) -> Form:
     """The multipart form of `request`, entirely in memory, or an ApiError (4xx)."""
     content_type, options = parse_options_header(request.headers.get("content-type"))
@@ -167,29 +187,10 @@ async def read_form(
             "upload the image as form field 'file', e.g. curl -F file=@image.png URL",
         )
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body:
-        raise too_large("the request body", max_body)
-
-    collector = _Collector(max_file, max_files, known_fields)
-    parser = MultipartParser(boundary, collector.callbacks())
-    received = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > max_body:
-                    raise too_large("the request body", max_body)
-                parser.write(chunk)
-    except TimeoutError as exc:
-        raise ApiError(
-            408, "upload_timeout", f"the upload did not arrive within {timeout_s:g} s"
-        ) from exc
-    except MultipartParseError as exc:
-        raise ApiError(
-            400, "bad_multipart", "the multipart body is malformed", "let your HTTP client build it"
-        ) from exc
-    except ClientDisconnect as exc:
-        raise ApiError(400, "client_disconnected", "the client went away mid-upload") from exc
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_body:
+        raise too_large("the request body", limits.max_body)
+    collector = _Collector(limits.max_file, limits.max_files, known_fields)
+    received = await _receive(request, MultipartParser(boundary, collector.callbacks()), limits)
     if received == 0 or (collector.ended and not collector.form.files):
         raise ApiError(
             400,
@@ -200,3 +201,33 @@ async def read_form(
     if not collector.ended:
         raise ApiError(400, "bad_multipart", "the multipart body ended early (truncated upload)")
     return collector.form
+
+
+async def _receive(request: Request, parser: MultipartParser, limits: UploadLimits) -> int:
+    """Feed the body to the parser as it arrives; the byte count, or an ApiError."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    received = 0
+    try:
+        async with asyncio.timeout(limits.deadline(start, 0)) as timer:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limits.max_body:
+                    raise too_large("the request body", limits.max_body)
+                parser.write(chunk)
+                timer.reschedule(limits.deadline(start, received))
+    except TimeoutError as exc:
+        raise ApiError(
+            408,
+            "upload_timeout",
+            f"the upload stalled or was too slow ({received} bytes in {loop.time() - start:.1f} s)",
+            f"uploads must finish within {limits.timeout_s:g} s and keep up "
+            f"{limits.min_rate / 1024:g} KiB/s",
+        ) from exc
+    except MultipartParseError as exc:
+        raise ApiError(
+            400, "bad_multipart", "the multipart body is malformed", "let your HTTP client build it"
+        ) from exc
+    except ClientDisconnect as exc:
+        raise ApiError(400, "client_disconnected", "the client went away mid-upload") from exc
+    return received

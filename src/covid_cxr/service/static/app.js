@@ -149,7 +149,9 @@
     const query = format === "DICOM" ? "?cam=true&preview=true" : "?cam=true";
     let response;
     try {
-      response = await fetch(`/api/v1/predict${query}`, { method: "POST", body, headers: headers() });
+      // A person would rather wait a few seconds than be told the server is busy.
+      const wait = { ...headers(), Prefer: "wait=10" };
+      response = await fetch(`/api/v1/predict${query}`, { method: "POST", body, headers: wait });
     } catch {
       setStatus("No result.");
       showMessage("The server could not be reached.", "Check that covid-cxr serve is running.");
