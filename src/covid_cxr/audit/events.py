@@ -64,6 +64,9 @@ class Recorder(Protocol):
 
     def record(self, event: PredictionEvent) -> None: ...
 
+    def close(self) -> None:
+        """Release the store's connections (at shutdown)."""
+
 
 class NullRecorder:
     """Records nothing: for library use and tests that do not look at the trail."""

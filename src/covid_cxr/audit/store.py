@@ -326,6 +326,13 @@ def open_store(url: str | None = None, *, create: bool = True) -> AuditStore:
     return SqliteStore(path.expanduser(), create=create)
 
 
+def describe(url: str | None) -> str:
+    """Where `recorder_for(url)` records, for messages: the address without its password."""
+    if url is not None and url.strip().lower() == OFF:
+        return OFF
+    return redact(url or default_url())
+
+
 def recorder_for(url: str | None = None) -> AuditStore | NullRecorder:
     """What `covid-cxr predict` and `serve` record into: `off` gives a NullRecorder."""
     if url is not None and url.strip().lower() == OFF:

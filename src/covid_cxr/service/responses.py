@@ -14,11 +14,9 @@ Status codes, chosen once for the whole API:
 
 from __future__ import annotations
 
-import re
-
 from fastapi.responses import JSONResponse
 
-from covid_cxr.errors import NotAnImageError, RadiographError
+from covid_cxr.errors import NotAnImageError, RadiographError, error_code
 from covid_cxr.service.schemas import ErrorBody, ErrorResponse
 
 
@@ -45,14 +43,8 @@ def error_response(
     return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=status, headers=headers)
 
 
-def _snake(name: str) -> str:
-    """CorruptImageError -> corrupt_image."""
-    name = name.removesuffix("Error")
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
 def radiograph_error(exc: RadiographError) -> tuple[int, ErrorBody]:
     """The status and body for a file that could not be read as a radiograph."""
     status = 415 if isinstance(exc, NotAnImageError) else 422
     message = f"{exc.source}: {exc.reason}" if exc.source else exc.reason
-    return status, ErrorBody(code=_snake(type(exc).__name__), message=message, hint=exc.hint)
+    return status, ErrorBody(code=error_code(exc), message=message, hint=exc.hint)

@@ -1,0 +1,152 @@
+"""A real `covid-cxr serve` records every prediction in its audit trail before answering: a
+kill -9 right after the last answer loses none of them, on SQLite and on PostgreSQL; the
+trail holds no upload file name and no DICOM patient attribute."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from audit_helpers import fresh_database, postgres_server, sha256_of
+from covid_cxr.cli import main
+from covid_cxr.service.trail import key_id
+from imaging_helpers import make_dicom
+from inference_helpers import real_radiographs
+from server_launcher import RunningServer, start_server
+
+API_KEY = "audit-test-key-0123"
+PATIENT_NAME = "Quixote^Alonso^Audit"
+PATIENT_ID = "PID-AUDIT-55813"
+UPLOAD_NAME = "alonso-quixote-chest.dcm"
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    with postgres_server() as url:
+        yield url
+
+
+def _trail(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'audit.db'}"
+    return fresh_database(request.getfixturevalue("postgres"))
+
+
+def _serve(url: str, tmp_path: Path) -> RunningServer:
+    args = ["--audit-db", url, "--inference-workers", "2", "--threads", "1"]
+    return start_server(args, tmp_path / "server.log", env={"COVID_CXR_API_KEY": API_KEY})
+
+
+def _export(url: str) -> list[dict[str, object]]:
+    done = subprocess.run(
+        [sys.executable, "-m", "covid_cxr.cli", "audit", "export", "--audit-db", url,
+         "--format", "jsonl"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_kill_9_right_after_the_last_answer_loses_no_prediction(
+    backend: str, datasets: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    real = real_radiographs(datasets)
+    files = real["png"][:10] + real["jpeg"][:10]
+    url = _trail(backend, tmp_path, request)
+    server = _serve(url, tmp_path)
+    try:
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60) as c:
+
+            def send(path: Path) -> tuple[str, str, float]:
+                r = c.post("/api/v1/predict", files={"file": (path.name, path.read_bytes())})
+                assert r.status_code == 200, r.text
+                return r.headers["x-request-id"], sha256_of(path), r.json()["probability"]
+
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(send, files))
+        server.process.send_signal(signal.SIGKILL)  # right after the last answer arrived
+        assert server.process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if server.process.poll() is None:
+            server.stop()
+    events = {e["request_id"]: e for e in _export(url)}
+    assert len(events) == len(answers) == 20
+    for request_id, sha256, probability in answers:
+        event = events[request_id]
+        assert (event["channel"], event["outcome"]) == ("api", "predicted")
+        assert event["who"] == key_id(API_KEY) and API_KEY not in json.dumps(event)
+        assert event["input_sha256"] == sha256
+        assert event["probability"] == pytest.approx(probability, abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_trail_holds_no_upload_name_and_no_patient_attribute(
+    backend: str, datasets: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    pixels = np.asarray(Image.open(real_radiographs(datasets)["png"][0]).convert("L"))
+    dicom = make_dicom(
+        pixels, PatientName=PATIENT_NAME, PatientID=PATIENT_ID, PatientBirthDate="19470923"
+    )
+    url = _trail(backend, tmp_path, request)
+    server = _serve(url, tmp_path)
+    try:
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60) as c:
+            ok = c.post("/api/v1/predict", files={"file": (UPLOAD_NAME, dicom)})
+            bad = c.post("/api/v1/predict", files={"file": ("quixote-notes.png", b"notes")})
+        assert (ok.status_code, bad.status_code) == (200, 415)
+    finally:
+        server.stop()
+    events = _export(url)
+    assert [(e["outcome"], e["input_format"]) for e in events] == [
+        ("predicted", "DICOM"),
+        ("failed", None),
+    ]
+    assert events[1]["reason"] == "not_an_image"
+    stored = json.dumps(events).encode()
+    if backend == "sqlite":
+        stored += b"".join(p.read_bytes() for p in tmp_path.glob("audit.db*"))
+    for secret in ("Quixote", "Alonso", PATIENT_ID, "19470923", "alonso-quixote", "notes"):
+        assert secret.encode() not in stored, secret
+
+
+@pytest.mark.slow
+def test_a_prediction_that_cannot_be_recorded_is_withheld(datasets: Path, tmp_path: Path) -> None:
+    """The PostgreSQL server goes away under a running covid-cxr server: the next answer is a
+    503 `audit_unavailable`, not an unrecorded prediction."""
+    files = {"file": ("x.png", real_radiographs(datasets)["png"][0].read_bytes())}
+    with postgres_server() as server_url:
+        url = fresh_database(server_url)
+        server = _serve(url, tmp_path)
+        client = httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60)
+        assert client.post("/api/v1/predict", files=files).status_code == 200
+        assert len(_export(url)) == 1
+    try:  # PostgreSQL is stopped now
+        answer = client.post("/api/v1/predict", files=files)
+        assert answer.status_code == 503
+        assert answer.json()["error"]["code"] == "audit_unavailable"
+        assert "probability" not in answer.text
+    finally:
+        client.close()
+        server.stop()
+    assert "audit trail unavailable" in server.log_text()
+
+
+def test_serve_refuses_to_start_without_a_writable_trail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["serve", "--audit-db", f"sqlite:///{blocker / 'audit.db'}"]) == 2
+    assert "cannot open the audit trail" in capsys.readouterr().err
