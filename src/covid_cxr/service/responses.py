@@ -9,7 +9,8 @@ Status codes, chosen once for the whole API:
       or the request is not multipart/form-data
   422 it is such a file but unusable: empty, truncated or corrupt, no pixel data, an
       unsupported variant, too many pixels (decompression-bomb guard) or too small
-  503 the model is not loaded yet, or too many predictions are waiting (retry later)
+  503 the model is not loaded yet, too many predictions are waiting (retry later), or the
+      prediction could not be recorded in the audit trail (`audit_unavailable`)
 """
 
 from __future__ import annotations
