@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -42,9 +43,19 @@ def _trail(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     return fresh_database(request.getfixturevalue("postgres"))
 
 
-def _serve(url: str, tmp_path: Path) -> RunningServer:
+def _serve(url: str, tmp_path: Path, processes: int = 1) -> RunningServer:
     args = ["--audit-db", url, "--inference-workers", "2", "--threads", "1"]
+    args += ["--workers", str(processes)]
     return start_server(args, tmp_path / "server.log", env={"COVID_CXR_API_KEY": API_KEY})
+
+
+def _kill_9(server: RunningServer) -> None:
+    """kill -9 the server and every worker process it started, at once."""
+    processes = [psutil.Process(server.process.pid)]
+    processes += processes[0].children(recursive=True)
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    assert server.process.wait(timeout=30) == -signal.SIGKILL
 
 
 def _export(url: str) -> list[dict[str, object]]:
@@ -57,14 +68,18 @@ def _export(url: str) -> list[dict[str, object]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(
+    ("backend", "processes"), [("sqlite", 1), ("postgresql", 1), ("sqlite", 2)]
+)
 def test_kill_9_right_after_the_last_answer_loses_no_prediction(
-    backend: str, datasets: Path, tmp_path: Path, request: pytest.FixtureRequest
+    backend: str, processes: int, datasets: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    """20 answers from 4 concurrent clients, then kill -9: all 20 are in the trail (with two
+    server processes, both write into the one SQLite file)."""
     real = real_radiographs(datasets)
     files = real["png"][:10] + real["jpeg"][:10]
     url = _trail(backend, tmp_path, request)
-    server = _serve(url, tmp_path)
+    server = _serve(url, tmp_path, processes)
     try:
         with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60) as c:
 
@@ -75,8 +90,7 @@ def test_kill_9_right_after_the_last_answer_loses_no_prediction(
 
             with ThreadPoolExecutor(4) as pool:
                 answers = list(pool.map(send, files))
-        server.process.send_signal(signal.SIGKILL)  # right after the last answer arrived
-        assert server.process.wait(timeout=30) == -signal.SIGKILL
+        _kill_9(server)  # right after the last answer arrived
     finally:
         if server.process.poll() is None:
             server.stop()

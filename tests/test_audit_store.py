@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,3 +180,11 @@ def test_unreachable_postgresql_is_an_audit_error_without_the_password() -> None
         open_store(url)
     assert "s3cret-pw" not in str(info.value)
     assert "cannot create the audit table in postgresql://audit:***@127.0.0.1" in str(info.value)
+
+
+def test_postgresql_without_its_driver_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
+    with pytest.raises(AuditError, match=r"pip install 'covid-cxr\[postgres\]'"):
+        open_store("postgresql://audit@localhost/trail")
