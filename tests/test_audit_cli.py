@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image
 
 from audit_helpers import fresh_database, postgres_server, sha256_of
+from covid_cxr.audit.capture import file_digest
 from covid_cxr.audit.store import open_store
 from covid_cxr.cli import main
 from imaging_helpers import make_dicom, truncated
@@ -92,7 +94,7 @@ def test_predict_records_one_event_per_input_and_nothing_identifying(
     assert by_hash[sha256_of(scans / "broken-upload.jpg")].reason == "corrupt_image"
     assert by_hash[sha256_of(scans / "notes.png")].reason == "not_an_image"
     gone = [e for e in events if e.input_sha256 is None]
-    assert len(gone) == 1 and gone[0].reason == "not_found"
+    assert len(gone) == 1 and gone[0].reason == "unreadable_file"
     assert len({e.request_id for e in events}) == 8
 
     # Neither the database file (nor any WAL left beside it) holds a name or a patient value.
@@ -103,6 +105,26 @@ def test_predict_records_one_event_per_input_and_nothing_identifying(
     with sqlite3.connect(db) as con:
         dump = "\n".join(con.iterdump())
     assert "Quixote" not in dump and "alonso" not in dump.lower() and "notes" not in dump
+
+
+def test_a_named_pipe_is_recorded_without_blocking(
+    scans: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Hashing for the trail never opens a pipe for a blocking read (it would hang forever)."""
+    pipe = tmp_path / "scan.png"
+    os.mkfifo(pipe)
+    db = tmp_path / "audit.db"
+    assert file_digest(pipe) == (None, 0, None)
+    png = next(scans.glob("*.png"))
+    assert file_digest(png) == (sha256_of(png), png.stat().st_size, "PNG")
+    assert main(["predict", str(pipe), str(png), "--format", "csv", "--audit-db", str(db)]) == 1
+    capsys.readouterr()
+    with open_store(str(db), create=False) as store:
+        events = list(store.events())
+    assert [(e.outcome, e.input_sha256) for e in events] == [
+        ("failed", None),
+        ("predicted", sha256_of(png)),
+    ]
 
 
 def test_no_audit_records_nothing_and_the_default_trail_is_in_the_state_folder(

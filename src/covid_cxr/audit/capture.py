@@ -7,11 +7,16 @@ its DICOM header is kept: the trail shows which model said what about which byte
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from covid_cxr.audit.events import PredictionEvent, new_request_id, outcome_of, utc_now
 from covid_cxr.imaging.read import sniff_format
+
+CHUNK = 1 << 20
+SNIFF_BYTES = 132  # enough for sniff_format: the DICOM preamble and "DICM"
 
 if TYPE_CHECKING:
     from covid_cxr.inference.batch import Failure
@@ -19,12 +24,25 @@ if TYPE_CHECKING:
 
 
 def file_digest(path: str | Path) -> tuple[str | None, int, str | None]:
-    """(sha256, size in bytes, format by content) of a file; (None, 0, None) if unreadable."""
+    """(sha256, size in bytes, format by content) of a regular file; (None, 0, None) for
+    anything else. Streams (a huge file refused by size costs no memory) and never blocks
+    on a named pipe (opened non-blocking, checked before the first read)."""
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None, 0, None
-    return hashlib.sha256(data).hexdigest(), len(data), sniff_format(data)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, 0, None
+        digest, size, head = hashlib.sha256(), 0, b""
+        try:
+            while chunk := handle.read(CHUNK):
+                head = head or chunk[:SNIFF_BYTES]
+                digest.update(chunk)
+                size += len(chunk)
+        except OSError:
+            return None, 0, None
+    return digest.hexdigest(), size, sniff_format(head)
 
 
 def cli_event(

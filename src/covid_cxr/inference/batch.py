@@ -33,7 +33,7 @@ class Failure:
 
     source: str
     reason: str
-    code: str = "not_found"  # errors.error_code of the cause; arguments naming nothing: not_found
+    code: str = "unreadable_file"  # errors.error_code of the cause (as UnreadableFileError)
 
 
 @dataclass
