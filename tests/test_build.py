@@ -80,10 +80,23 @@ def test_default_build_near_duplicates_and_linked_images_never_straddle(default_
 def test_default_build_counts_and_exclusions(default_build) -> None:
     result, rows = default_build
     sources_present = {row.source for row in rows}
-    assert sources_present == {"hannover", "ieee8023", "kaggle-pneumonia", "nih"}
+    assert sources_present == {
+        "hannover",
+        "ieee8023",
+        "kaggle-pneumonia",
+        "nih",
+        "jsrt",
+        "openist-normal",
+    }
     assert Counter(row.label for row in rows if row.source == "nih") == {
         "Normal": 399,  # one of the 400 is a byte-identical copy of another
         "Pneumonia": 100,
+    }
+    new_adults = ("jsrt", "openist-normal")
+    assert Counter((r.source, r.label) for r in rows if r.source in new_adults) == {
+        ("jsrt", "Lung nodule"): 153,  # two near-duplicate pairs (pHash distance 2) dropped
+        ("jsrt", "Normal"): 92,
+        ("openist-normal", "Normal"): 273,  # a near-duplicate pair and a byte-identical copy
     }
     share = Counter(row.split for row in rows)
     for name, ratio in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
@@ -132,7 +145,7 @@ def test_seed_recipe_gives_196_plus_196_split_75_25_by_patient(
     assert pairs
     for pair in pairs:
         a, b = (datasets / pair[key] for key in ("a", "b"))
-        assert split_of[a.resolve()] == split_of[b.resolve()]
+        assert split_of[a] == split_of[b]
 
 
 @pytest.mark.parametrize("balance", ["overall", "per-split"])

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +143,7 @@ def test_evaluate_manifest_end_to_end(
         "value": None,
         "ci": None,
         "reason": "no non-COVID images",
+        "ci_resamples": None,
     }
     assert len(result["errors"]) == 4
     assert {e["error"] for e in result["errors"]} <= {"false positive", "false negative"}
@@ -307,3 +310,20 @@ def test_evaluate_onnx_model_and_store_thresholds_in_its_metadata(
     assert Predictor(model).threshold == pytest.approx(chosen)
     # The model still runs after its metadata was rewritten.
     assert result["data"]["scored"] == result["overall"]["n"] > 0
+
+
+def test_evaluating_an_onnx_model_and_storing_its_thresholds_never_imports_torch(
+    manifest: tuple[Path, list[ManifestRow]], tmp_path: Path
+) -> None:
+    info = ModelInfo(name="brightness", preprocess=PreprocessConfig(size=32), version="onnx")
+    model = _brightness_onnx(tmp_path / "model.onnx", info)
+    manifest_path, _ = manifest
+    script = (
+        "import sys; from covid_cxr.cli import main; "
+        f"code = main(['evaluate', '--model', {str(model)!r}, '--data', {str(manifest_path)!r}, "
+        f"'--out', {str(tmp_path / 'out')!r}, '--store-thresholds', '--bootstrap', '20']); "
+        "print('torch' in sys.modules); sys.exit(code)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"

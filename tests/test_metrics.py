@@ -11,6 +11,7 @@ from covid_cxr.errors import DataError
 from covid_cxr.evaluation.bootstrap import cluster_ids, resample_weights
 from covid_cxr.evaluation.calibration import reliability
 from covid_cxr.evaluation.metrics import assess, score_metrics, threshold_metrics
+from covid_cxr.evaluation.result import Confusion, Estimate
 from covid_cxr.evaluation.thresholds import (
     choose_operating_points,
     sensitivity_threshold,
@@ -73,12 +74,12 @@ def test_score_metrics_agree_with_scikit_learn_on_ties() -> None:
 
 def test_ece_is_the_count_weighted_gap_of_the_reliability_table() -> None:
     table = reliability(Y, P)
-    assert sum(row["count"] for row in table) == Y.size
-    assert [row["count"] for row in table] == [1, 1, 1, 2, 1, 0, 1, 1, 1, 1]
+    assert sum(row.count for row in table) == Y.size
+    assert [row.count for row in table] == [1, 1, 1, 2, 1, 0, 1, 1, 1, 1]
     gap = sum(
-        row["count"] / Y.size * abs(row["fraction_covid"] - row["mean_probability"])
+        row.count / Y.size * abs(row.fraction_covid - row.mean_probability)
         for row in table
-        if row["count"]
+        if row.count
     )
     assert point(score_metrics(ONE, Y, P))["ece"] == pytest.approx(gap)
 
@@ -97,21 +98,17 @@ def test_undefined_metrics_on_one_class_data_are_null_with_reason() -> None:
     y = np.ones(6, dtype=int)
     p = np.array([0.9, 0.8, 0.7, 0.6, 0.55, 0.95])
     result = assess(y, p, np.arange(6), {"default": 0.5}, resamples=200, seed=0)
-    scores = result["scores"]
+    scores = result.scores
     for name in ("roc_auc", "pr_auc"):
-        assert scores[name]["value"] is None and scores[name]["ci"] is None
-        assert "only one class" in scores[name]["reason"]
-    assert scores["brier"]["value"] == pytest.approx(np.mean((1 - p) ** 2))
-    metrics = result["operating_points"]["default"]["metrics"]
-    assert metrics["specificity"] == {"value": None, "ci": None, "reason": "no non-COVID images"}
-    assert metrics["npv"]["value"] is None and "predicted non-COVID" in metrics["npv"]["reason"]
-    assert metrics["sensitivity"]["value"] == 1.0
-    assert result["operating_points"]["default"]["confusion"] == {
-        "tp": 6,
-        "fp": 0,
-        "tn": 0,
-        "fn": 0,
-    }
+        assert scores[name].value is None and scores[name].ci is None
+        assert "only one class" in scores[name].reason
+        assert str(scores[name]).startswith("n/a: ")
+    assert scores["brier"].value == pytest.approx(np.mean((1 - p) ** 2))
+    metrics = result.operating_points["default"].metrics
+    assert metrics["specificity"] == Estimate(None, None, "no non-COVID images")
+    assert metrics["npv"].value is None and "predicted non-COVID" in metrics["npv"].reason
+    assert metrics["sensitivity"].value == 1.0
+    assert result.operating_points["default"].confusion == Confusion(tp=6, fp=0, tn=0, fn=0)
 
 
 def test_bootstrap_ci_contains_the_point_estimate_and_is_reproducible() -> None:
@@ -121,12 +118,13 @@ def test_bootstrap_ci_contains_the_point_estimate_and_is_reproducible() -> None:
     a = assess(y, p, np.arange(300), {"default": 0.5}, resamples=500, seed=7)
     b = assess(y, p, np.arange(300), {"default": 0.5}, resamples=500, seed=7)
     assert a == b
-    estimates = [*a["scores"].values(), *a["operating_points"]["default"]["metrics"].values()]
+    estimates = [*a.scores.values(), *a.operating_points["default"].metrics.values()]
     for est in estimates:
-        lo, hi = est["ci"]
-        assert lo <= est["value"] <= hi
+        lo, hi = est.ci
+        assert lo <= est.value <= hi
         assert hi - lo > 0
-        assert est["ci_resamples"] == 500
+        assert est.ci_resamples == 500
+        assert str(est) == f"{est.value:.3f} ({lo:.3f}–{hi:.3f})"
 
 
 def test_patients_move_together_in_the_bootstrap() -> None:
@@ -156,7 +154,7 @@ def test_resampling_patients_widens_the_ci_when_their_images_agree() -> None:
     patients = np.repeat(np.arange(40), 10)
 
     def width(clusters: np.ndarray) -> float:
-        lo, hi = assess(y, p, clusters, {}, resamples=1000, seed=0)["scores"]["roc_auc"]["ci"]
+        lo, hi = assess(y, p, clusters, {}, resamples=1000, seed=0).scores["roc_auc"].ci
         return hi - lo
 
     assert width(patients) > 2 * width(np.arange(400))

@@ -132,6 +132,38 @@ def test_hannover_all_covid_with_patient_and_projection(datasets: Path) -> None:
     assert all(r.path.name == f"{r.links[0].split(':')[1]}.png" for r in result.records)
 
 
+def test_jsrt_adult_non_covid_one_patient_per_image(datasets: Path) -> None:
+    result = _read(datasets, "jsrt", "jsrt")
+    assert Counter(r.label for r in result.records) == {"Lung nodule": 154, "Normal": 93}
+    assert len({r.patient_id for r in result.records}) == 247
+    record = _by_name(result)["JPCLN009.png"]
+    assert (record.patient_id, record.view, record.finding) == (
+        "jsrt:JPCLN009",
+        "PA",
+        "lung nodule",
+    )
+    assert not result.notes and not result.excluded
+
+
+def test_openist_normals_without_patient_ids_are_noted(datasets: Path) -> None:
+    result = _read(datasets, "openist-normal", "openist-normal")
+    assert len(result.records) == 275 and {r.label for r in result.records} == {"Normal"}
+    assert all(r.patient_id.startswith("openist:file:images/") for r in result.records)
+    assert "275 image(s) without a patient id" in result.notes[0]
+
+
+def test_masked_collection_reports_images_no_row_describes(datasets: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "jsrt"
+    shutil.copytree(datasets / "jsrt", copy)
+    (copy / "metadata.csv").write_text(
+        "image,mask,patient_id,finding\nimages/JPCLN009.png,masks/JPCLN009.png,JPCLN009,no nodule\n"
+    )
+    result = open_source("jsrt", copy).read()
+    assert [r.label for r in result.records] == ["Normal"]
+    assert len(result.excluded) == 246
+    assert {e.kind for e in result.excluded} == {sources.NO_METADATA}
+
+
 def test_unknown_kind_and_missing_folder_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"unknown source kind 'dicomdir'.*ieee8023"):
         open_source("dicomdir", tmp_path)

@@ -218,34 +218,35 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            if option is type(None) and value is None:
-                return None
-            with contextlib.suppress(ConfigError):
-                return _convert(value, option, where)
-        raise ConfigError(f"{where}: {value!r} matches none of {typing.get_args(tp)}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: must be one of {list(typing.get_args(tp))}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return dict(value)
+def _convert_union(value: Any, tp: Any, where: str) -> Any:
+    for option in typing.get_args(tp):
+        if option is type(None) and value is None:
+            return None
+        with contextlib.suppress(ConfigError):
+            return _convert(value, option, where)
+    raise ConfigError(f"{where}: {value!r} matches none of {typing.get_args(tp)}")
+
+
+def _convert_literal(value: Any, tp: Any, where: str) -> Any:
+    if value not in typing.get_args(tp):
+        raise ConfigError(f"{where}: must be one of {list(typing.get_args(tp))}, got {value!r}")
+    return value
+
+
+def _convert_list(value: Any, tp: Any, where: str) -> Any:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    (item,) = typing.get_args(tp) or (Any,)
+    return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+def _convert_dict(value: Any, tp: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table, got {value!r}")
+    return dict(value)
+
+
+def _convert_scalar(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool):
@@ -253,6 +254,27 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported config type {tp!r}")
+
+
+_CONVERTERS = {
+    typing.Union: _convert_union,
+    types.UnionType: _convert_union,
+    Literal: _convert_literal,
+    list: _convert_list,
+    dict: _convert_dict,
+}
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """`value` from TOML as type `tp`, or a ConfigError naming `where` and what was expected."""
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return from_dict(tp, value, where)
+    converter = _CONVERTERS.get(typing.get_origin(tp), _convert_scalar)
+    return converter(value, tp, where)
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:

@@ -61,6 +61,14 @@ class ImageTooSmallError(RadiographError):
     """Smaller than the minimum side length; nothing diagnostic survives at that size."""
 
 
+class OutOfScopeError(RadiographError):
+    """A readable image the model cannot judge: not a frontal chest radiograph (the input gate).
+
+    The reason starts with "out of scope:" and says why (wrong modality, lateral view, body
+    part, or the image classifier's verdict).
+    """
+
+
 class ModelError(CovidCxrError):
     """A model file or checkpoint is missing, corrupt or of the wrong kind."""
 

@@ -24,7 +24,7 @@ from covid_cxr.config import DataRecipe, SourceSpec
 from covid_cxr.data.dedup import UnionFind, near_pairs
 from covid_cxr.data.fingerprint import Fingerprint, fingerprint
 from covid_cxr.data.labels import COVID, normalise_label
-from covid_cxr.data.manifest import SPLITS, UNSPLIT, ManifestRow
+from covid_cxr.data.manifest import SPLITS, UNSPLIT, ManifestRow, absolute, portable
 from covid_cxr.data.sources import (
     BALANCING,
     DUPLICATE,
@@ -124,7 +124,7 @@ def build_dataset(
 
     rows = [
         ManifestRow(
-            path=c.record.path.resolve(),
+            path=absolute(c.record.path),
             label=c.record.label,
             source=c.record.source,
             patient_id=c.record.patient_id,
@@ -229,13 +229,9 @@ def _read_sources(
 
 def _shower(data_root: Path) -> Show:
     """Paths in reports are shown relative to the data root, like in the manifest."""
-    base = data_root.resolve()
 
     def show(path: Path) -> str:
-        try:
-            return path.resolve().relative_to(base).as_posix()
-        except ValueError:
-            return str(path)
+        return portable(path, data_root)
 
     return show
 

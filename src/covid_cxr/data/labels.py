@@ -23,6 +23,7 @@ _SYNONYMS = {
     "no finding": NORMAL,
     "negative": NORMAL,
     "pneumonia": "Pneumonia",
+    "lung nodule": "Lung nodule",
 }
 
 

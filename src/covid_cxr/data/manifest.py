@@ -14,6 +14,7 @@ model never sees in training). Training uses train/val only.
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ class LabelledRows(list[ManifestRow]):
 def write_manifest(path: str | Path, rows: Iterable[ManifestRow], root: Path | None = None) -> Path:
     """Write rows as CSV; paths under `root` (default: the data root) are stored relative."""
     path = Path(path)
-    base = (root or data_root()).resolve()
+    base = root or data_root()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -68,7 +69,7 @@ def write_manifest(path: str | Path, rows: Iterable[ManifestRow], root: Path | N
         for row in rows:
             writer.writerow(
                 [
-                    _portable(row.path, base),
+                    portable(row.path, base),
                     row.label,
                     row.source,
                     row.patient_id,
@@ -80,11 +81,31 @@ def write_manifest(path: str | Path, rows: Iterable[ManifestRow], root: Path | N
     return path
 
 
-def _portable(path: Path, base: Path) -> str:
-    try:
-        return path.resolve().relative_to(base).as_posix()
-    except ValueError:
-        return str(path.resolve())
+def absolute(path: Path) -> Path:
+    """`path` made absolute and normalised without resolving symbolic links: a data folder
+    reached through a link keeps the paths its user sees (resolving would turn
+    ../shared/datasets/x.png into the link's target, and equal rows would compare unequal)."""
+    return Path(os.path.abspath(path))
+
+
+def portable(path: Path, base: Path) -> str:
+    """`path` relative to `base` (POSIX) when it lies under it, else absolute."""
+    for candidate, root in ((absolute(path), absolute(base)), (path.resolve(), base.resolve())):
+        if candidate.is_relative_to(root):
+            return candidate.relative_to(root).as_posix()
+    return str(absolute(path))
+
+
+def shown_path(path: str | Path) -> str:
+    """How reports name a file: relative to the data root when it lies there (like the
+    manifest), else relative to the working folder, else absolute; so committed reports do not
+    carry the folder layout of the machine that made them."""
+    path = Path(path)
+    for base in (data_root(), Path.cwd()):
+        shown = portable(path, base)
+        if not Path(shown).is_absolute():
+            return shown
+    return str(absolute(path))
 
 
 def load_manifest(path: str | Path, root: Path | None = None) -> list[ManifestRow]:
@@ -110,7 +131,7 @@ def load_manifest(path: str | Path, root: Path | None = None) -> list[ManifestRo
         image = Path(row["path"])
         loaded.append(
             ManifestRow(
-                path=image if image.is_absolute() else (base / image).resolve(),
+                path=absolute(base / image),
                 label=row["label"],
                 source=row["source"],
                 patient_id=row["patient_id"],
@@ -139,7 +160,7 @@ def load_labelled(path: str | Path) -> LabelledRows:
     rows = LabelledRows(
         (
             ManifestRow(
-                record.path.resolve(),
+                absolute(record.path),
                 record.label,
                 record.source,
                 record.patient_id,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from covid_cxr.data.labels import finding_label, normalise_label
+from covid_cxr.data.labels import NORMAL, finding_label, normalise_label
 from covid_cxr.data.tables import read_table
 from covid_cxr.errors import DataError
 
@@ -127,6 +127,13 @@ class SourceReader:
         shown = self._display(item) if isinstance(item, Path) else item
         self._result.excluded.append(Exclusion(self.name, shown, kind, reason))
 
+    def _exclude_undescribed(self, folder: Path, described: set[Path], table: str) -> None:
+        """Files in `folder` that no metadata row names are left out, each with the reason."""
+        if folder.is_dir():
+            for path in sorted(p for p in folder.iterdir() if p.is_file()):
+                if path not in described:
+                    self._exclude(path, NO_METADATA, f"no {table} row describes this image")
+
     def _display(self, path: Path) -> str:
         base = self.root.parent if self.expects_file else self.root
         try:
@@ -183,11 +190,7 @@ class Ieee8023(SourceReader):
                     if marker in row.get("url", "")
                 )
                 self._add(path, label, row["patientid"], view, row["finding"], links=links)
-        images = self.root / "images"
-        if images.is_dir():
-            for path in sorted(p for p in images.iterdir() if p.is_file()):
-                if path not in described:
-                    self._exclude(path, NO_METADATA, "no metadata.csv row describes this image")
+        self._exclude_undescribed(self.root / "images", described, "metadata.csv")
 
 
 class Hannover(SourceReader):
@@ -215,11 +218,56 @@ class Hannover(SourceReader):
                 "COVID-19",
                 links=(image_link(self.namespace, row["image_id"]),),
             )
-        folder = self.root / "png"
-        if folder.is_dir():
-            for path in sorted(p for p in folder.iterdir() if p.is_file()):
-                if path not in described:
-                    self._exclude(path, NO_METADATA, "no data.csv row describes this image")
+        self._exclude_undescribed(self.root / "png", described, "data.csv")
+
+
+class _MaskedCollection(SourceReader):
+    """A collection of adult PA radiographs with lung masks: `metadata.csv` + `images/`.
+
+    None of them has COVID-19. The masks are for the lung segmenter (`covid_cxr.data.masks`);
+    here only the radiographs are read, as non-COVID images of a hospital of their own.
+    """
+
+    _PATIENT_COLUMN: ClassVar[str | None] = None
+
+    def _label(self, finding: str) -> str:
+        return normalise_label(finding)
+
+    def _read(self) -> None:
+        required = ("image", "finding", *filter(None, (self._PATIENT_COLUMN,)))
+        rows = read_table(self.root / "metadata.csv", required, f"{self.kind} metadata.csv")
+        described = set()
+        for row in rows:
+            path = self.root / row["image"]
+            described.add(path)
+            patient = row[self._PATIENT_COLUMN] if self._PATIENT_COLUMN else None
+            self._add(path, self._label(row["finding"]), patient, "PA", row["finding"])
+        self._exclude_undescribed(self.root / "images", described, "metadata.csv")
+
+
+class Jsrt(_MaskedCollection):
+    """JSRT database (Shiraishi et al. 2000), Japan: film radiographs, one per patient.
+
+    `finding` is "lung nodule" or "no nodule"; both are non-COVID ("no nodule" is Normal).
+    """
+
+    kind = "jsrt"
+    namespace = "jsrt"
+    _PATIENT_COLUMN = "patient_id"
+
+    def _label(self, finding: str) -> str:
+        return NORMAL if finding.strip().lower() == "no nodule" else normalise_label(finding)
+
+
+class OpenIstNormal(_MaskedCollection):
+    """Normal adult radiographs of a US teaching collection (published by the OpenIST project).
+
+    No patient ids are given: each image counts as its own patient, and the builder's
+    perceptual hash groups the one near-duplicate pair into one split.
+    """
+
+    kind = "openist-normal"
+    namespace = "openist"
 
 
 class _ClassFolders(SourceReader):
@@ -334,7 +382,16 @@ class LabelledCsv(SourceReader):
 
 READERS: dict[str, type[SourceReader]] = {
     reader.kind: reader
-    for reader in (Ieee8023, KagglePneumonia, Nih, Hannover, LabelledFolder, LabelledCsv)
+    for reader in (
+        Ieee8023,
+        KagglePneumonia,
+        Nih,
+        Hannover,
+        Jsrt,
+        OpenIstNormal,
+        LabelledFolder,
+        LabelledCsv,
+    )
 }
 
 

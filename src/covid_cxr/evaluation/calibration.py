@@ -7,9 +7,9 @@ equal-width bins over [0, 1], [0, 0.1), [0.1, 0.2), ..., [0.9, 1.0]; a probabili
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+
+from covid_cxr.evaluation.result import ReliabilityBin
 
 ECE_BINS = 10
 
@@ -19,7 +19,7 @@ def bin_index(probabilities: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
     return np.clip((np.asarray(probabilities) * bins).astype(np.int64), 0, bins - 1)
 
 
-def reliability(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, Any]]:
+def reliability(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> list[ReliabilityBin]:
     """Per bin: its range, image count, mean predicted probability and observed COVID rate."""
     index = bin_index(p, bins)
     table = []
@@ -27,12 +27,12 @@ def reliability(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> list[dict
         inside = index == b
         count = int(inside.sum())
         table.append(
-            {
-                "lower": b / bins,
-                "upper": (b + 1) / bins,
-                "count": count,
-                "mean_probability": float(p[inside].mean()) if count else None,
-                "fraction_covid": float(y[inside].mean()) if count else None,
-            }
+            ReliabilityBin(
+                lower=b / bins,
+                upper=(b + 1) / bins,
+                count=count,
+                mean_probability=float(p[inside].mean()) if count else None,
+                fraction_covid=float(y[inside].mean()) if count else None,
+            )
         )
     return table

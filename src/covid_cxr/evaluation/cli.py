@@ -96,19 +96,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, help="model threads (default: all cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="model threads (default: 1 per ONNX session; PyTorch keeps its own default)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from covid_cxr import RESEARCH_NOTICE
-    from covid_cxr.evaluation.evaluate import EvaluateOptions, evaluate
-    from covid_cxr.evaluation.report import estimate
+    from covid_cxr.evaluation.evaluate import EvaluateOptions, evaluate, write_outputs
+    from covid_cxr.evaluation.result import StoredThresholds
+    from covid_cxr.evaluation.store import store_thresholds
+    from covid_cxr.inference.predictor import resolve_model_path
 
     out = args.out or Path("evaluation") / f"{args.data.stem}-{args.split or 'auto'}"
+    model = resolve_model_path(args.model)
     result = evaluate(
         EvaluateOptions(
-            model=args.model,
+            model=model,
             data=args.data,
             out=out,
             split=args.split,
@@ -124,21 +131,26 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
         )
     )
-    data, overall = result["data"], result["overall"]
-    primary = result["primary_operating_point"]
-    at = overall["operating_points"][primary]
+    if args.store_thresholds:
+        thresholds = {op: point.threshold for op, point in result.operating_points.items()}
+        info = store_thresholds(model, thresholds, result.primary_operating_point)
+        result.stored = StoredThresholds(result.model.path, info.thresholds, info.operating_point)
+    write_outputs(result, out)
+    data, at = result.data, result.at_primary
     print(
-        f"{data['scored']}/{data['listed']} images scored, {len(data['unreadable'])} unreadable, "
-        f"{len(data['excluded_by_reader'])} left out by the data reader"
+        f"{data.scored}/{data.listed} images scored, {len(data.unreadable)} unreadable, "
+        f"{len(data.excluded_by_reader)} left out by the data reader"
     )
-    print(f"ROC-AUC {estimate(overall['scores']['roc_auc'])}")
+    print(f"ROC-AUC {result.overall.scores['roc_auc']}")
     for name in ("sensitivity", "specificity"):
-        print(f"{name} at {primary} (t={at['threshold']:.3g}): {estimate(at['metrics'][name])}")
-    if result["stored"]:
-        stored = result["stored"]
         print(
-            f"stored thresholds {stored['thresholds']} in {stored['path']} "
-            f"(operating point: {stored['operating_point']})"
+            f"{name} at {result.primary_operating_point} (t={at.threshold:.3g}): {at.metrics[name]}"
+        )
+    if result.stored:
+        stored = result.stored
+        print(
+            f"stored thresholds {stored.thresholds} in {stored.path} "
+            f"(operating point: {stored.operating_point})"
         )
     print(f"report: {out / 'report.html'} (and report.md, metrics.json, PNG figures)")
     print(RESEARCH_NOTICE)

@@ -1,32 +1,47 @@
 """`covid-cxr evaluate` end to end: score the data, choose operating points on validation
-data, compute every metric with its CI (overall and per source), draw the figures, explain the
-most confident errors, write metrics.json and the reports, optionally store the thresholds."""
+data, compute every metric with its CI (overall and per source), draw the figures and explain
+the most confident errors. The typed `EvaluationResult` it returns is what `write_outputs`
+turns into metrics.json and the reports; storing thresholds into the model file is a separate
+step (`covid_cxr.evaluation.store`)."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from covid_cxr import RESEARCH_NOTICE, __version__
-from covid_cxr.data.manifest import ManifestRow, load_labelled
+from covid_cxr.data.manifest import ManifestRow, load_labelled, shown_path
 from covid_cxr.errors import CovidCxrError, DataError, ModelError
 from covid_cxr.evaluation import plots
 from covid_cxr.evaluation.bootstrap import CI_LEVEL, cluster_ids
 from covid_cxr.evaluation.calibration import ECE_BINS, reliability
 from covid_cxr.evaluation.metrics import assess
 from covid_cxr.evaluation.report import write_reports
+from covid_cxr.evaluation.result import (
+    BootstrapMethod,
+    DataSummary,
+    ErrorCase,
+    EvaluationResult,
+    FileProblem,
+    Method,
+    ModelSummary,
+    OperatingPoint,
+    ReaderExclusion,
+    SourceCount,
+    SubsetResult,
+    ValidationSummary,
+)
 from covid_cxr.evaluation.scoring import Scored, score_rows
-from covid_cxr.evaluation.store import store_thresholds
 from covid_cxr.evaluation.thresholds import DEFAULT_THRESHOLD, choose_operating_points
 from covid_cxr.explain.gradcam import overlay
+from covid_cxr.imaging.preprocess import grey_to_uint8
 from covid_cxr.inference.predictor import Predictor
+from covid_cxr.models.info import ModelInfo
 
 ALL = "all"
 
@@ -78,34 +93,34 @@ def _validation_rows(
     return None
 
 
-def _describe(rows: Sequence[ManifestRow]) -> dict[str, Any]:
-    sources: dict[str, dict[str, Any]] = {}
+def _source_counts(rows: Sequence[ManifestRow]) -> dict[str, SourceCount]:
+    by_source: dict[str, list[ManifestRow]] = {}
     for row in rows:
-        s = sources.setdefault(row.source, {"images": 0, "covid": 0, "non_covid": 0, "ids": set()})
-        s["images"] += 1
-        s["covid" if row.target else "non_covid"] += 1
-        s["ids"].add(row.patient_id)
-    for s in sources.values():
-        s["patients"] = len(s.pop("ids"))
+        by_source.setdefault(row.source, []).append(row)
     return {
-        "sources": dict(sorted(sources.items())),
-        "labels": dict(Counter(row.label for row in rows).most_common()),
+        name: SourceCount(
+            images=len(members),
+            covid=sum(r.target for r in members),
+            non_covid=sum(1 - r.target for r in members),
+            patients=len({r.patient_id for r in members}),
+        )
+        for name, members in sorted(by_source.items())
     }
 
 
-def _failures(scored: Scored) -> list[dict[str, str]]:
-    return [{"path": f.source, "reason": f.reason} for f in scored.unreadable]
+def _failures(scored: Scored) -> list[FileProblem]:
+    return [FileProblem(shown_path(f.source), f.reason) for f in scored.unreadable]
 
 
 def _subset(
     scored: Scored, mask: np.ndarray, thresholds: dict[str, float], o: EvaluateOptions
-) -> dict[str, Any]:
+) -> SubsetResult:
     """Metrics with CIs and the reliability table for the images selected by `mask`."""
     rows = [row for row, keep in zip(scored.rows, mask, strict=True) if keep]
     y, p = scored.targets[mask], scored.probabilities[mask]
     clusters = cluster_ids([r.patient_id for r in rows], [r.source for r in rows])
     result = assess(y, p, clusters, thresholds, o.resamples, o.seed)
-    result["reliability"] = reliability(y, p)
+    result.reliability = reliability(y, p)
     return result
 
 
@@ -139,7 +154,7 @@ def _error_panels(
         image = (
             overlay(pixels, prediction.cam, crop=predictor.info.preprocess.crop)
             if prediction.cam is not None
-            else (np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+            else grey_to_uint8(pixels)
         )
         caption = "false positive" if row.target == 0 else "false negative"
         caption += f", p={prediction.probability:.3f}\n{row.source}: {row.path.name[:28]}"
@@ -155,7 +170,7 @@ def _operating_points(
     rows: Sequence[ManifestRow],
     split: str,
     o: EvaluateOptions,
-) -> tuple[dict[str, Any] | None, dict[str, float], dict[str, str], str]:
+) -> tuple[ValidationSummary | None, dict[str, float], dict[str, str], str]:
     """(validation summary, thresholds, origin of each, a sentence on where they came from).
 
     Without validation data the thresholds stored in the model are evaluated as they are:
@@ -178,14 +193,14 @@ def _operating_points(
     origins = {op: f"sensitivity >= {o.target_sensitivity:g} on {val_origin}" for op in thresholds}
     origins.update(default="fixed at 0.5", youden=f"Youden's J on {val_origin}")
     overlap = {r.sha256 for r in val.rows if r.sha256} & {r.sha256 for r in rows if r.sha256}
-    validation = {
-        "origin": val_origin,
-        "listed": len(val_rows),
-        "scored": len(val.rows),
-        "n_covid": int(val.targets.sum()),
-        "unreadable": _failures(val),
-        "overlap_with_evaluated": len(overlap),
-    }
+    validation = ValidationSummary(
+        origin=val_origin,
+        listed=len(val_rows),
+        scored=len(val.rows),
+        n_covid=int(val.targets.sum()),
+        unreadable=_failures(val),
+        overlap_with_evaluated=len(overlap),
+    )
     return validation, thresholds, origins, f"Chosen on {val_origin} ({len(val.rows)} images)."
 
 
@@ -193,7 +208,7 @@ def _draw_figures(
     out: Path,
     predictor: Predictor,
     scored: Scored,
-    overall: dict[str, Any],
+    overall: SubsetResult,
     sources: list[str],
     thresholds: dict[str, float],
     primary: str,
@@ -206,12 +221,12 @@ def _draw_figures(
     curves = {"all images": (y, p)} | {s: (y[source_of == s], p[source_of == s]) for s in sources}
     figures["roc"] = plots.roc_figure(curves, thresholds, out / "roc.png").name
     figures["pr"] = plots.pr_figure(curves, thresholds, out / "pr.png").name
-    ece = overall["scores"]["ece"]["value"]
+    ece = overall.scores["ece"].value
     figures["reliability"] = plots.reliability_figure(
-        overall["reliability"], ece, out / "reliability.png"
+        overall.reliability, ece, out / "reliability.png"
     ).name
     figures["confusion"] = plots.confusion_figure(
-        overall["operating_points"][primary]["confusion"],
+        overall.operating_points[primary].confusion,
         primary,
         thresholds[primary],
         out / "confusion.png",
@@ -232,24 +247,19 @@ def _draw_figures(
     return figures, indices, errors_note
 
 
-def evaluate(options: EvaluateOptions) -> dict[str, Any]:
-    """Run the whole evaluation; returns the dictionary written to metrics.json."""
+def evaluate(options: EvaluateOptions) -> EvaluationResult:
+    """Score, assess and draw; the figures land in `options.out`, the rest is returned."""
     o = options
     out = Path(o.out)
     out.mkdir(parents=True, exist_ok=True)
     predictor = Predictor(o.model, threads=o.threads)
-    info = predictor.info
     data_rows = load_labelled(o.data)
     rows, split = select_split(data_rows, o.split)
 
     validation, thresholds, origins, points_origin = _operating_points(
         predictor, data_rows, rows, split, o
     )
-    primary = o.operating_point or (
-        info.operating_point if info.operating_point in thresholds else "default"
-    )
-    if primary not in thresholds:
-        raise ModelError(f"no operating point {primary!r}; available: {', '.join(thresholds)}")
+    primary = _primary(predictor.info, thresholds, o.operating_point)
     if o.store and validation is None:
         raise DataError(
             "--store-thresholds needs validation data: a manifest with a val split or "
@@ -264,92 +274,110 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
         raise DataError(f"none of the {len(rows)} images could be read; most common: {reasons}")
 
     y, p = scored.targets, scored.probabilities
-    everything = np.ones(y.size, dtype=bool)
     sources = sorted({row.source for row in scored.rows})
     source_of = np.array([row.source for row in scored.rows])
-    overall = _subset(scored, everything, thresholds, o)
+    overall = _subset(scored, np.ones(y.size, dtype=bool), thresholds, o)
     per_source = (
         {s: _subset(scored, source_of == s, thresholds, o) for s in sources}
         if len(sources) > 1
         else {}
     )
-
     figures, indices, errors_note = _draw_figures(
         out, predictor, scored, overall, list(per_source), thresholds, primary, o.cam_errors
     )
+    return EvaluationResult(
+        notice=RESEARCH_NOTICE,
+        generated=datetime.now(UTC).isoformat(timespec="seconds"),
+        covid_cxr_version=__version__,
+        model=_model_summary(predictor),
+        data=_data_summary(o.data, split, rows, data_rows, scored),
+        validation=validation,
+        method=_method(o),
+        operating_points={op: OperatingPoint(t, origins[op]) for op, t in thresholds.items()},
+        operating_points_origin=points_origin,
+        primary_operating_point=primary,
+        overall=overall,
+        per_source=per_source,
+        errors=[_error_case(scored.rows[i], float(p[i])) for i in indices],
+        errors_note=errors_note,
+        figures=figures,
+    )
 
-    stored = None
-    if o.store:
-        new_info = store_thresholds(predictor.path, thresholds, primary)
-        stored = {
-            "path": str(predictor.path),
-            "thresholds": new_info.thresholds,
-            "operating_point": new_info.operating_point,
-        }
 
-    result: dict[str, Any] = {
-        "notice": RESEARCH_NOTICE,
-        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "covid_cxr_version": __version__,
-        "model": {
-            "path": str(predictor.path.resolve()),
-            "runtime": predictor.runtime.kind,
-            "name": info.name,
-            "options": info.options,
-            "version": info.version,
-            "preprocess": info.preprocess.to_dict(),
-            "thresholds": info.thresholds,
-            "operating_point": info.operating_point,
-        },
-        "data": {
-            "path": str(o.data),
-            "split": split,
-            "listed": len(rows),
-            "scored": len(scored.rows),
-            "unreadable": _failures(scored),
-            "excluded_by_reader": [
-                {"source": x.source, "item": x.item, "kind": x.kind, "reason": x.reason}
-                for x in getattr(data_rows, "excluded", [])
-            ],
-            "notes": list(getattr(data_rows, "notes", [])),
-            **_describe(scored.rows),
-        },
-        "validation": validation,
-        "method": {
-            "bootstrap": {
-                "resamples": o.resamples,
-                "seed": o.seed,
-                "level": CI_LEVEL,
-                "interval": "percentile",
-                "unit": "patients (images of one patient are resampled together; an image "
-                "without a patient id counts as its own patient)",
-            },
-            "calibration": f"expected calibration error over {ECE_BINS} equal-width bins of the "
-            "predicted probability on [0, 1], weighted by bin size",
-            "positive_rule": "COVID-19 when probability >= threshold",
-        },
-        "operating_points": {
-            op: {"threshold": t, "origin": origins[op]} for op, t in thresholds.items()
-        },
-        "operating_points_origin": points_origin,
-        "primary_operating_point": primary,
-        "overall": overall,
-        "per_source": per_source,
-        "errors": [
-            {
-                "error": "false positive" if scored.rows[i].target == 0 else "false negative",
-                "probability": float(p[i]),
-                "path": str(scored.rows[i].path),
-                "label": scored.rows[i].label,
-                "source": scored.rows[i].source,
-                "patient_id": scored.rows[i].patient_id,
-            }
-            for i in indices
+def _primary(info: ModelInfo, thresholds: dict[str, float], requested: str | None) -> str:
+    primary = requested or (
+        info.operating_point if info.operating_point in thresholds else "default"
+    )
+    if primary not in thresholds:
+        raise ModelError(f"no operating point {primary!r}; available: {', '.join(thresholds)}")
+    return primary
+
+
+def _model_summary(predictor: Predictor) -> ModelSummary:
+    info = predictor.info
+    return ModelSummary(
+        path=shown_path(predictor.path),
+        runtime=predictor.runtime.kind,
+        name=info.name,
+        options=info.options,
+        version=info.version,
+        preprocess=info.preprocess.to_dict(),
+        thresholds=info.thresholds,
+        operating_point=info.operating_point,
+    )
+
+
+def _data_summary(
+    data: Path,
+    split: str,
+    rows: Sequence[ManifestRow],
+    data_rows: Sequence[ManifestRow],
+    scored: Scored,
+) -> DataSummary:
+    return DataSummary(
+        path=shown_path(data),
+        split=split,
+        listed=len(rows),
+        scored=len(scored.rows),
+        unreadable=_failures(scored),
+        excluded_by_reader=[
+            ReaderExclusion(x.source, x.item, x.kind, x.reason)
+            for x in getattr(data_rows, "excluded", [])
         ],
-        "errors_note": errors_note,
-        "figures": figures,
-        "stored": stored,
-    }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    write_reports(result, out)
-    return result
+        notes=list(getattr(data_rows, "notes", [])),
+        sources=_source_counts(scored.rows),
+        labels=dict(Counter(row.label for row in scored.rows).most_common()),
+    )
+
+
+def _method(o: EvaluateOptions) -> Method:
+    return Method(
+        bootstrap=BootstrapMethod(
+            resamples=o.resamples,
+            seed=o.seed,
+            level=CI_LEVEL,
+            interval="percentile",
+            unit="patients (images of one patient are resampled together; an image "
+            "without a patient id counts as its own patient)",
+        ),
+        calibration=f"expected calibration error over {ECE_BINS} equal-width bins of the "
+        "predicted probability on [0, 1], weighted by bin size",
+        positive_rule="COVID-19 when probability >= threshold",
+    )
+
+
+def _error_case(row: ManifestRow, probability: float) -> ErrorCase:
+    return ErrorCase(
+        error="false positive" if row.target == 0 else "false negative",
+        probability=probability,
+        path=shown_path(row.path),
+        label=row.label,
+        source=row.source,
+        patient_id=row.patient_id,
+    )
+
+
+def write_outputs(result: EvaluationResult, out: Path) -> None:
+    """metrics.json and report.md/html, all from the one result."""
+    result.write_json(Path(out) / "metrics.json")
+    write_reports(result, Path(out))

@@ -10,12 +10,12 @@ and reported as null with the reason.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
 from covid_cxr.evaluation.bootstrap import percentile_ci, resample_weights
 from covid_cxr.evaluation.calibration import ECE_BINS, bin_index
+from covid_cxr.evaluation.result import AtThreshold, Confusion, Estimate, SubsetResult
 
 THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
 SCORE_METRICS = ("roc_auc", "pr_auc", "brier", "ece")
@@ -105,19 +105,13 @@ def score_metrics(w: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict[str, np.n
     }
 
 
-def _estimate(point: np.ndarray, samples: np.ndarray | None, name: str) -> dict[str, Any]:
+def _estimate(point: np.ndarray, samples: np.ndarray | None, name: str) -> Estimate:
     value = float(point[0])
     if not np.isfinite(value):
-        return {"value": None, "ci": None, "reason": REASONS[name]}
+        return Estimate(None, reason=REASONS[name])
     if samples is None:
-        return {"value": value, "ci": None, "reason": None}
-    ci = percentile_ci(samples)
-    return {
-        "value": value,
-        "ci": list(ci) if ci else None,
-        "reason": None,
-        "ci_resamples": int(np.isfinite(samples).sum()),
-    }
+        return Estimate(value)
+    return Estimate(value, percentile_ci(samples), ci_resamples=int(np.isfinite(samples).sum()))
 
 
 def assess(
@@ -127,7 +121,7 @@ def assess(
     thresholds: Mapping[str, float],
     resamples: int = 1000,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> SubsetResult:
     """Every metric with its CI, the confusion matrix at each operating point, for one subset.
 
     The CIs at an operating point hold its threshold fixed: they measure the uncertainty of
@@ -141,26 +135,26 @@ def assess(
     boot = resample_weights(clusters, resamples, seed) if resamples > 0 else None
     point_scores = score_metrics(ones, y, p)
     boot_scores = score_metrics(boot, y, p) if boot is not None else {}
-    result: dict[str, Any] = {
-        "n": int(y.size),
-        "n_covid": int(y.sum()),
-        "n_non_covid": int(y.size - y.sum()),
-        "n_clusters": int(np.unique(clusters).size),
-        "scores": {
-            name: _estimate(point_scores[name], boot_scores.get(name), name)
-            for name in SCORE_METRICS
-        },
-        "operating_points": {},
-    }
+    points = {}
     for op, threshold in thresholds.items():
         counts = confusion_counts(ones, y, p, threshold)
         point = threshold_metrics(ones, y, p, threshold)
         samples = threshold_metrics(boot, y, p, threshold) if boot is not None else {}
-        result["operating_points"][op] = {
-            "threshold": float(threshold),
-            "confusion": {k: int(v[0]) for k, v in counts.items()},
-            "metrics": {
+        points[op] = AtThreshold(
+            threshold=float(threshold),
+            confusion=Confusion(**{k: int(v[0]) for k, v in counts.items()}),
+            metrics={
                 name: _estimate(point[name], samples.get(name), name) for name in THRESHOLD_METRICS
             },
-        }
-    return result
+        )
+    return SubsetResult(
+        n=int(y.size),
+        n_covid=int(y.sum()),
+        n_non_covid=int(y.size - y.sum()),
+        n_clusters=int(np.unique(clusters).size),
+        scores={
+            name: _estimate(point_scores[name], boot_scores.get(name), name)
+            for name in SCORE_METRICS
+        },
+        operating_points=points,
+    )

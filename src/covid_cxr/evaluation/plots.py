@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -17,6 +16,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from covid_cxr import RESEARCH_NOTICE
+from covid_cxr.evaluation.result import Confusion, ReliabilityBin
 
 Curves = Mapping[str, tuple[np.ndarray, np.ndarray]]  # name -> (targets, probabilities)
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
@@ -102,15 +102,15 @@ def pr_figure(curves: Curves, points: Mapping[str, float], path: Path) -> Path:
     return _save(fig, path)
 
 
-def reliability_figure(table: Sequence[Mapping[str, Any]], ece: float | None, path: Path) -> Path:
+def reliability_figure(table: Sequence[ReliabilityBin], ece: float | None, path: Path) -> Path:
     """Observed COVID-19 rate against mean predicted probability per bin, with bin counts."""
     fig = _figure(6.0, 6.4)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     top.plot([0, 1], [0, 1], ls=":", color="0.6", lw=1, label="perfect calibration")
-    filled = [row for row in table if row["count"]]
+    filled = [row for row in table if row.count]
     top.plot(
-        [row["mean_probability"] for row in filled],
-        [row["fraction_covid"] for row in filled],
+        [row.mean_probability for row in filled],
+        [row.fraction_covid for row in filled],
         "o-",
         lw=2,
         label="model" + (f" (ECE {ece:.3f})" if ece is not None else ""),
@@ -118,17 +118,17 @@ def reliability_figure(table: Sequence[Mapping[str, Any]], ece: float | None, pa
     top.set(ylabel="observed COVID-19 fraction", title="Reliability (10 equal-width bins)")
     top.set(xlim=(0, 1), ylim=(-0.01, 1.01))
     top.legend(loc="upper left", fontsize=8)
-    centres = [(row["lower"] + row["upper"]) / 2 for row in table]
-    bottom.bar(centres, [row["count"] for row in table], width=0.09, color="0.5")
+    centres = [(row.lower + row.upper) / 2 for row in table]
+    bottom.bar(centres, [row.count for row in table], width=0.09, color="0.5")
     bottom.set(xlabel="predicted probability", ylabel="images")
     return _save(fig, path)
 
 
 def confusion_figure(
-    confusion: Mapping[str, int], operating_point: str, threshold: float, path: Path
+    confusion: Confusion, operating_point: str, threshold: float, path: Path
 ) -> Path:
     """The 2x2 table as an image, counts and row percentages."""
-    cells = np.array([[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]])
+    cells = np.array([[confusion.tn, confusion.fp], [confusion.fn, confusion.tp]])
     fig = _figure(4.6, 4.2)
     ax = fig.add_subplot()
     ax.imshow(cells, cmap="Blues")

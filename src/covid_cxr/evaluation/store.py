@@ -1,9 +1,11 @@
-"""Write chosen operating points into the model file itself.
+"""Write chosen operating points into the model file itself: a step of its own, after
+`evaluate()`, so that evaluating never changes a model file unless asked to.
 
 Inference and the service read `ModelInfo.threshold` (= thresholds[operating_point]) from the
 model they load, so storing the thresholds here is what changes their decisions. A checkpoint
-is updated with `update_info`; an ONNX file gets its `covid_cxr_info` metadata rewritten.
-Export copies a checkpoint's info, so thresholds stored before `covid-cxr export` travel on.
+is updated with `update_info` (torch, imported only then); an ONNX file gets its
+`covid_cxr_info` metadata rewritten. Export copies a checkpoint's info, so thresholds stored
+before `covid-cxr export` travel on.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from covid_cxr.errors import ModelError
-from covid_cxr.fileio import atomic_path
-from covid_cxr.models.checkpoint import ModelInfo, update_info
+from covid_cxr.models.info import ModelInfo
 
 
 def store_thresholds(
@@ -25,16 +26,10 @@ def store_thresholds(
             "choose one of those with --operating-point"
         )
     changes = {"thresholds": dict(thresholds), "operating_point": operating_point}
-    if path.suffix.lower() != ".onnx":
-        return update_info(path, **changes)
-    import onnx
+    if path.suffix.lower() == ".onnx":
+        from covid_cxr.inference.metadata import update_onnx_info
 
-    from covid_cxr.inference.metadata import read_metadata, set_metadata
+        return update_onnx_info(path, **changes)
+    from covid_cxr.models.checkpoint import update_info
 
-    info, head = read_metadata(path)
-    info = ModelInfo.from_dict({**info.to_dict(), **changes})
-    proto = onnx.load(str(path))
-    set_metadata(proto, info, head)
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
-    return info
+    return update_info(path, **changes)

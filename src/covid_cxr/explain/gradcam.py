@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from covid_cxr.imaging.preprocess import crop_box
+from covid_cxr.imaging.preprocess import crop_box, grey_to_uint8
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +105,7 @@ def overlay(
         raise ValueError(f"expected 2-D pixels and cam, got {pixels.shape} and {cam.shape}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    grey = (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    grey = grey_to_uint8(pixels)
     out = np.repeat(grey[:, :, None], 3, axis=2)
     top, left, ch, cw = crop_box(*pixels.shape, crop)
     heat = Image.fromarray(np.ascontiguousarray(cam, dtype=np.float32)).resize(

@@ -67,6 +67,11 @@ def _equalize(pixels: np.ndarray, bins: int = 65536) -> np.ndarray:
     return (cdf[k] * (1.0 - frac) + cdf[k + 1] * frac).astype(np.float32)
 
 
+def grey_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """A [0, 1] radiograph as 8-bit grey for display and PNG files (rounded, clipped)."""
+    return (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
 def crop_box(height: int, width: int, crop: float) -> tuple[int, int, int, int]:
     """(top, left, height, width) of the central region kept for `crop`; heat maps are
     placed back on the original radiograph with the same box."""

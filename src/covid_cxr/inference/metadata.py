@@ -79,3 +79,20 @@ def read_metadata(path: str | Path) -> tuple[ModelInfo, CamHead | None]:
     except Exception as exc:
         raise ModelError(f"{path}: not a readable ONNX file ({exc})") from exc
     return parse_metadata({p.key: p.value for p in proto.metadata_props}, str(path))
+
+
+def update_onnx_info(path: str | Path, **changes: Any) -> ModelInfo:
+    """Change fields of an exported model's ModelInfo in place (atomically); the graph and the
+    CAM head stay as they are."""
+    import onnx
+
+    from covid_cxr.fileio import atomic_path
+    from covid_cxr.models.info import ModelInfo
+
+    info, head = read_metadata(path)
+    info = ModelInfo.from_dict({**info.to_dict(), **changes})
+    proto = onnx.load(str(path))
+    set_metadata(proto, info, head)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return info
