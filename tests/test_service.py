@@ -22,11 +22,13 @@ import pytest
 
 from covid_cxr.audit.events import PredictionEvent
 from covid_cxr.cli import build_parser, main
-from covid_cxr.errors import ConfigError
+from covid_cxr.errors import ConfigError, OutOfScopeError
 from covid_cxr.paths import DEFAULT_MODEL
 from covid_cxr.service import schemas
 from covid_cxr.service.cli import settings_from_args
 from covid_cxr.service.dependencies import get_recorder
+from covid_cxr.service.pool import InferencePool
+from covid_cxr.service.responses import ApiError
 from covid_cxr.service.settings import ServiceSettings
 from covid_cxr.service.trail import key_id
 from covid_cxr.service.uploads import UploadedFile
@@ -133,14 +135,39 @@ def test_an_internal_error_is_a_500_and_is_recorded() -> None:
     assert [(e.outcome, e.reason) for e in recorder.events] == [("failed", "internal_error")] * 2
 
 
-async def _burst(app, count: int, headers: dict[str, str]) -> list[httpx.Response]:
+class GatedEngine(SlowEngine):
+    """Refuses every file the way the input gate does."""
+
+    def analyse(self, upload: UploadedFile, cam: bool, preview: bool) -> schemas.Prediction:
+        raise OutOfScopeError(upload.filename, "out of scope: a lateral view", "send a PA view")
+
+
+def test_an_out_of_scope_refusal_is_recorded_as_refused() -> None:
+    recorder = ListRecorder()
+    app = make_app(GatedEngine(0.0))
+    app.dependency_overrides[get_recorder] = lambda: recorder
+    with asgi_client(app) as client:
+        response = client.post(PREDICT, files={"file": ("side.png", b"data")})
+        batch = client.post(BATCH, files=[("files", ("a.png", b"a")), ("files", ("b.png", b"b"))])
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "out_of_scope"
+    assert [item["error"]["code"] for item in batch.json()["results"]] == ["out_of_scope"] * 2
+    assert {(e.outcome, e.reason) for e in recorder.events} == {("refused", "out_of_scope")}
+    assert len(recorder.events) == 3
+
+
+async def _burst(
+    app, count: int, headers: dict[str, str], params: dict[str, str] | None = None
+) -> list[httpx.Response]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(
         transport=transport, base_url="http://testserver", headers={"X-API-Key": API_KEY}
     ) as client:
         return await asyncio.gather(
             *(
-                client.post(PREDICT, files={"file": ("x.png", b"x")}, headers=headers)
+                client.post(
+                    PREDICT, files={"file": ("x.png", b"x")}, headers=headers, params=params
+                )
                 for _ in range(count)
             )
         )
@@ -168,6 +195,8 @@ def test_clients_that_prefer_to_wait_are_served() -> None:
     responses = asyncio.run(_burst(app, 8, {"Prefer": "wait=5"}))
     assert [r.status_code for r in responses] == [200] * 8
     assert app.state.service.pool.admitted == 0
+    by_query = asyncio.run(_burst(app, 8, {}, {"wait": "5"}))
+    assert [r.status_code for r in by_query] == [200] * 8
     # Asking for longer than the server allows is capped, not refused.
     impatient = make_app(SlowEngine(0.5), queue_size=0, max_client_wait_s=0.2)
     statuses = sorted(
@@ -267,3 +296,34 @@ def test_starting_the_service_does_not_import_torch() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_a_waiting_request_that_goes_away_passes_its_place_on() -> None:
+    """However a waiting request ends (time out, client gone before or after a place was
+    handed to it), the count of admitted requests comes back to zero."""
+
+    async def hold(pool: InferencePool, wait_s: float) -> None:
+        async with pool.admit(wait_s):
+            await asyncio.sleep(10)
+
+    async def scenario() -> list[int]:
+        pool = InferencePool(workers=1, queue_size=0, max_queue_wait_s=0.0)
+        counts = []
+        async with pool.admit():
+            early = asyncio.create_task(hold(pool, 5))
+            late = asyncio.create_task(hold(pool, 5))
+            await asyncio.sleep(0.01)
+            early.cancel()  # gone while waiting
+            await asyncio.gather(early, return_exceptions=True)
+            counts.append(pool.admitted)
+        late.cancel()  # the place was just handed to it: gone before it could use it
+        await asyncio.gather(late, return_exceptions=True)
+        counts.append(pool.admitted)
+        with pytest.raises(ApiError, match="busy"):
+            async with pool.admit(), pool.admit(0.05):
+                pass
+        counts.append(pool.admitted)
+        pool.shutdown()
+        return counts
+
+    assert asyncio.run(scenario()) == [1, 0, 0]

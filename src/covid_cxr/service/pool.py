@@ -95,6 +95,11 @@ class InferencePool:
             if place.done():
                 return  # handed over just as the time ran out: keep it
             raise self.overloaded() from None
+        except BaseException:
+            if place.done():  # handed over, but the request is going away: pass it on
+                self.admitted -= 1
+                self._hand_over()
+            raise
         finally:
             if not place.done():
                 place.cancel()

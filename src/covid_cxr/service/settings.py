@@ -23,10 +23,10 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 SECRETS = ("api_key", "audit_db")  # a database URL may hold a password
 
 
-def _opt(default: Any, help: str, *, flag: str | None = None, **cli: Any) -> Any:
-    """A settings field with its CLI help; `flag` renames the option (e.g. a repeatable one);
-    cli=False keeps it to the environment only."""
-    return field(default=default, metadata={"help": help, "flag": flag, **cli})
+def _opt(default: Any, help: str, *, flag: str | None = None, **argparse: Any) -> Any:
+    """A settings field with its `serve` help; `flag` renames the option (e.g. a repeatable
+    one); other keywords (metavar, choices) go to argparse as they are."""
+    return field(default=default, metadata={"help": help, "flag": flag, **argparse})
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class ServiceSettings:
     max_batch_mb: float = _opt(100.0, "largest batch request (default 100)")
     max_pixels: int = _opt(40_000_000, "largest image in pixels (default 40,000,000)")
     upload_timeout_s: float = _opt(
-        30.0, "longest an upload may take, however fast it arrives (default 30 s)"
+        60.0, "longest an upload may take, however fast it arrives (default 60 s)"
     )
     min_upload_kbps: float = _opt(
         64.0, "an upload slower than this many KiB/s after its first 2 s gets 408 (default 64)"
