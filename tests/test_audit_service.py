@@ -20,10 +20,13 @@ from PIL import Image
 
 from audit_helpers import fresh_database, postgres_server, sha256_of
 from covid_cxr.cli import main
+from covid_cxr.paths import DEFAULT_MODEL
+from covid_cxr.service.settings import ServiceSettings
 from covid_cxr.service.trail import key_id
 from imaging_helpers import make_dicom
 from inference_helpers import real_radiographs
 from server_launcher import RunningServer, start_server
+from service_helpers import asgi_client, make_app
 
 API_KEY = "audit-test-key-0123"
 PATIENT_NAME = "Quixote^Alonso^Audit"
@@ -164,3 +167,25 @@ def test_serve_refuses_to_start_without_a_writable_trail(
     blocker.write_text("")
     assert main(["serve", "--audit-db", f"sqlite:///{blocker / 'audit.db'}"]) == 2
     assert "cannot open the audit trail" in capsys.readouterr().err
+
+
+def test_covid_cxr_audit_db_in_the_environment_names_the_servers_trail(
+    datasets: Path, tmp_path: Path
+) -> None:
+    """COVID_CXR_AUDIT_DB reaches the app through the settings (as in each worker process)."""
+    from covid_cxr.service.engine import Engine
+
+    db = tmp_path / "from-env.db"
+    settings = ServiceSettings.from_env({"COVID_CXR_AUDIT_DB": f"sqlite:///{db}"})
+    assert settings.audit_db == f"sqlite:///{db}"
+    assert "from-env" not in settings.shown("audit_db")  # it may hold a password
+    engine = Engine.load(ServiceSettings(model=str(DEFAULT_MODEL)))
+    app = make_app(engine, audit_db=settings.audit_db)
+    image = real_radiographs(datasets)["jpeg"][0]
+    with asgi_client(app) as client:
+        answer = client.post("/api/v1/predict", files={"file": ("a.jpg", image.read_bytes())})
+    assert answer.status_code == 200
+    events = _export(str(db))
+    assert [(e["request_id"], e["input_sha256"]) for e in events] == [
+        (answer.headers["x-request-id"], sha256_of(image))
+    ]
