@@ -138,10 +138,11 @@ def test_malformed_events_are_refused(audit_url: str) -> None:
 
 
 def test_sqlite_is_in_wal_mode_and_files_stay_private(tmp_path: Path) -> None:
-    path = tmp_path / "state" / "covid-cxr" / "audit.db"
+    path = tmp_path / "state #1?" / "covid-cxr" / "audit.db"  # odd characters in the path
     with open_store(str(path)) as store:  # a plain path is a SQLite file
         store.record(event(1))
         assert store.kind == "sqlite"
+        assert [e.request_id for e in store.events()] == ["req-1"]
     assert (path.parent.stat().st_mode & 0o777) == 0o700
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -176,6 +177,9 @@ def test_off_records_nothing_and_bad_addresses_are_explained(tmp_path: Path) -> 
 def test_unreachable_postgresql_is_an_audit_error_without_the_password() -> None:
     url = f"postgresql://audit:s3cret-pw@127.0.0.1:{free_port()}/trail?connect_timeout=2"
     assert redact(url) == url.replace("s3cret-pw", "***")
+    assert redact("postgresql:///trail?host=/run&password=pw9&user=a") == (
+        "postgresql:///trail?host=/run&password=***&user=a"
+    )
     with pytest.raises(AuditError) as info:
         open_store(url)
     assert "s3cret-pw" not in str(info.value)

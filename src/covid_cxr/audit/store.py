@@ -22,6 +22,7 @@ import os
 import re
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -90,8 +91,9 @@ def default_url() -> str:
 
 
 def redact(url: str) -> str:
-    """The address with any password replaced, fit for messages and logs."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The address with any password (user:PASSWORD@ or ?password=) replaced, for messages."""
+    url = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -219,7 +221,8 @@ class SqliteStore(AuditStore):
     def events(self, since: str | datetime | None = None) -> Iterator[PredictionEvent]:
         since = None if since is None else to_utc(since)
         params = () if since is None else (_iso(since),)
-        reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0)
+        uri = f"file:{urllib.parse.quote(str(self.path))}?mode=ro"
+        reader = sqlite3.connect(uri, uri=True, timeout=30.0)
         try:
             for row in reader.execute(self._select_sql(since), params):
                 yield self._event(row)
