@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from conftest import require
 
@@ -75,6 +76,18 @@ def fresh_database(server_url: str) -> str:
     with psycopg.connect(server_url, autocommit=True) as db:
         db.execute(f"CREATE DATABASE {name}")
     return server_url.replace("/postgres?", f"/{name}?", 1)
+
+
+def stored_bytes(url: str) -> bytes:
+    """Every byte the trail left on disk: the SQLite file and its WAL, or the whole data
+    folder of the test's PostgreSQL cluster (tables and write-ahead log)."""
+    if url.startswith("sqlite:///"):
+        db = Path(url.removeprefix("sqlite:///"))
+        files = db.parent.glob(db.name + "*")
+    else:
+        host = parse_qs(urlsplit(url).query)["host"][0]
+        files = (Path(host) / "data").rglob("*")
+    return b"".join(f.read_bytes() for f in files if f.is_file())
 
 
 def importable(module: str) -> bool:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from audit_helpers import fresh_database, postgres_server, sha256_of
+from audit_helpers import fresh_database, postgres_server, sha256_of, stored_bytes
 from covid_cxr.cli import main
 from covid_cxr.paths import DEFAULT_MODEL
 from covid_cxr.service.settings import ServiceSettings
@@ -131,9 +131,10 @@ def test_the_trail_holds_no_upload_name_and_no_patient_attribute(
         ("failed", None),
     ]
     assert events[1]["reason"] == "not_an_image"
-    stored = json.dumps(events).encode()
-    if backend == "sqlite":
-        stored += b"".join(p.read_bytes() for p in tmp_path.glob("audit.db*"))
+    assert PATIENT_NAME.encode() in dicom  # the secrets were there to leak
+    on_disk = stored_bytes(url)
+    assert str(events[0]["input_sha256"]).encode() in on_disk  # the check reads the real files
+    stored = json.dumps(events).encode() + on_disk
     for secret in ("Quixote", "Alonso", PATIENT_ID, "19470923", "alonso-quixote", "notes"):
         assert secret.encode() not in stored, secret
 
