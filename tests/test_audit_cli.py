@@ -116,6 +116,8 @@ def test_a_named_pipe_is_recorded_without_blocking(
     os.mkfifo(pipe)
     db = tmp_path / "audit.db"
     assert file_digest(pipe) == (None, 0, None)
+    assert file_digest(tmp_path) == (None, 0, None)  # a folder
+    assert file_digest(tmp_path / "gone.png") == (None, 0, None)
     png = next(scans.glob("*.png"))
     assert file_digest(png) == (sha256_of(png), png.stat().st_size, "PNG")
     assert main(["predict", str(pipe), str(png), "--format", "csv", "--audit-db", str(db)]) == 1

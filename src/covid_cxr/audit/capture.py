@@ -31,9 +31,10 @@ def file_digest(path: str | Path) -> tuple[str | None, int, str | None]:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None, 0, None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, pipe or device: nothing to hash
+        os.close(fd)
+        return None, 0, None
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None, 0, None
         digest, size, head = hashlib.sha256(), 0, b""
         try:
             while chunk := handle.read(CHUNK):
