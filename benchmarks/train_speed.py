@@ -6,8 +6,8 @@ Prints training images/s for, on the same real radiographs (224 px):
               measured at 6-8.5 img/s;
   plain-ours  the project's model definition in the same plain fp32 loop;
   plain-reuse the plain port again once freed memory stays in the heap
-              (`covid_cxr.training.runtime.keep_freed_memory`, process-wide, hence measured after);
-  project     the project's training step (`covid_cxr.training.trainer.train_step`):
+              (`covid_cxr.training.cpu.keep_freed_memory`, process-wide, hence measured after);
+  project     the project's training step (`covid_cxr.training.steps.train_step`):
               augmentation included, bf16 autocast, channels_last, heap reuse;
 and the ratio; the default model (EfficientNet-Lite0, configs/train/default.toml) in the
 project loop for reference; peak resident memory; and a bf16-vs-fp32 parity check: the same
@@ -37,16 +37,13 @@ from covid_cxr.data.sources import open_source
 from covid_cxr.imaging import PreprocessConfig
 from covid_cxr.models import create
 from covid_cxr.paths import REPO_ROOT, data_root
+from covid_cxr.training.classification import ClassificationTask
+from covid_cxr.training.cpu import keep_freed_memory
 from covid_cxr.training.dataset import CachedImages, decode_images
 from covid_cxr.training.history import binary_metrics
-from covid_cxr.training.runtime import keep_freed_memory
-from covid_cxr.training.trainer import (
-    autocast,
-    make_optimizer,
-    peak_rss_mib,
-    prepare,
-    train_step,
-)
+from covid_cxr.training.schedule import make_optimizer
+from covid_cxr.training.steps import autocast, prepare, train_step
+from covid_cxr.training.trainer import peak_rss_mib
 
 KERAS_IMG_S = (13.0, 14.5)
 BATCH = 32
@@ -108,6 +105,34 @@ def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, x, y) -> floa
     return float(loss.detach())
 
 
+def project_step(  # type: ignore[no-untyped-def]
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    train: CachedImages,
+    generator: torch.Generator,
+):
+    """The trainer's step for `config`: the classification task's augmentation and loss, then
+    `train_step` with the config's bf16 / channels-last settings, on the CPU."""
+    task = ClassificationTask(config)
+    loss_function = task.loss_function(train)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+        inputs, targets = task.augment(x, y, generator)
+        return train_step(
+            model,
+            optimizer,
+            inputs,
+            targets,
+            loss_function,
+            torch.device("cpu"),
+            bf16=config.runtime.bf16,
+            channels_last=config.runtime.channels_last,
+        )
+
+    return step
+
+
 def batches(data: CachedImages, steps: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(len(data), (BATCH,), generator=g) for _ in range(steps)]
@@ -125,7 +150,6 @@ def time_loop(step, data: CachedImages, steps: int) -> float:  # type: ignore[no
 
 
 def measure(data: CachedImages, config: TrainConfig, steps: int) -> dict[str, float]:
-    cpu = torch.device("cpu")
     results = {}
 
     torch.manual_seed(0)
@@ -149,9 +173,7 @@ def measure(data: CachedImages, config: TrainConfig, steps: int) -> dict[str, fl
     project = create("seed-cnn").to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(project.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    results["project"] = time_loop(
-        lambda x, y: train_step(project, opt, x, y, config, cpu, g), data, steps
-    )
+    results["project"] = time_loop(project_step(project, opt, config, data, g), data, steps)
 
     results["seed-rss"] = peak_rss_mib()
     # The default model in the same loop, with configs/train/default.toml's settings.
@@ -160,9 +182,7 @@ def measure(data: CachedImages, config: TrainConfig, steps: int) -> dict[str, fl
     lite0 = create(default.model.name, **default.model.options)
     lite0 = lite0.to(memory_format=torch.channels_last)
     opt = make_optimizer(lite0, default.optim)
-    results["efficientnet"] = time_loop(
-        lambda x, y: train_step(lite0, opt, x, y, default, cpu, g), data, steps
-    )
+    results["efficientnet"] = time_loop(project_step(lite0, opt, default, data, g), data, steps)
     return results
 
 
@@ -175,13 +195,12 @@ def parity(data: CachedImages, held_out: CachedImages, config: TrainConfig, step
         torch.manual_seed(0)
         model = create("seed-cnn").to(memory_format=torch.channels_last)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        g = torch.Generator().manual_seed(0)
-        losses = []
-        for index in batches(data, steps, seed=2):
-            losses.append(train_step(model, opt, *data.batch(index), cfg, cpu, g)[0])
+        step = project_step(model, opt, cfg, data, torch.Generator().manual_seed(0))
+        losses = [step(*data.batch(index))[0] for index in batches(data, steps, seed=2)]
         model.eval()
-        with torch.no_grad(), autocast(cfg, cpu):
-            logits = model(prepare(held_out.batch(torch.arange(len(held_out)))[0], cfg, cpu))
+        with torch.no_grad(), autocast(bf16, cpu):
+            images = held_out.batch(torch.arange(len(held_out)))[0]
+            logits = model(prepare(images, cpu, cfg.runtime.channels_last))
         targets = held_out.targets.numpy()
         logits_np = logits.float().numpy()
         m = binary_metrics(

@@ -13,6 +13,7 @@ from covid_cxr.evaluation.calibration import reliability
 from covid_cxr.evaluation.metrics import assess, score_metrics, threshold_metrics
 from covid_cxr.evaluation.result import Confusion, Estimate
 from covid_cxr.evaluation.thresholds import (
+    balanced_youden_threshold,
     choose_operating_points,
     sensitivity_threshold,
     youden_threshold,
@@ -174,6 +175,22 @@ def test_youden_and_target_sensitivity_by_hand() -> None:
         "youden": 0.6,
         "sensitivity_90": 0.3,
     }
+
+
+def test_balanced_youden_gives_every_source_an_equal_say() -> None:
+    # Source "kids": 8 negatives scored 0.1 and a positive at 0.9; source "adults": positives
+    # at 0.75 and 0.55, negatives at 0.5, 0.6 and 0.65. Plain Youden, dominated by the 8
+    # children, picks 0.55 (J = 1 + 9/11 - 1), where 2 of the 3 adult negatives are called
+    # COVID-19. Averaged per source: at 0.55 sens 1, spec (1 + 1/3) / 2 -> 1.667; at 0.75
+    # sens (1 + 1/2) / 2, spec 1 -> 1.75, the best: no adult negative is called COVID-19.
+    y = np.array([0] * 8 + [1] + [1, 1, 0, 0, 0])
+    p = np.array([0.1] * 8 + [0.9] + [0.75, 0.55, 0.5, 0.6, 0.65])
+    groups = ["kids"] * 9 + ["adults"] * 5
+    assert youden_threshold(y, p) == 0.55
+    assert balanced_youden_threshold(y, p, groups) == 0.75
+    points = choose_operating_points(y, p, 0.95, groups)
+    assert points["youden_balanced"] == 0.75
+    assert "youden_balanced" not in choose_operating_points(y, p, 0.95, ["one"] * 14)
 
 
 def test_thresholds_need_both_classes() -> None:

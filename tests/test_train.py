@@ -21,11 +21,13 @@ from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.models.checkpoint import load_checkpoint, read_checkpoint
 from covid_cxr.paths import REPO_ROOT
 from covid_cxr.training.augment import augment_batch, random_affine
+from covid_cxr.training.classification import load_splits
+from covid_cxr.training.cpu import cpu_threads
 from covid_cxr.training.dataset import EpochSampler, class_weights, decode_images, group_weights
 from covid_cxr.training.distributed import Context
 from covid_cxr.training.history import binary_metrics
-from covid_cxr.training.runtime import cpu_threads
-from covid_cxr.training.trainer import Schedule, load_splits, predict, to_channels_last
+from covid_cxr.training.schedule import Schedule
+from covid_cxr.training.steps import predict, to_channels_last
 from train_helpers import real_rows, write_rows
 
 CI_CONFIG = REPO_ROOT / "configs" / "train" / "ci.toml"
@@ -155,7 +157,7 @@ def test_group_balanced_auc_counts_every_group_equally() -> None:
 
 def test_runtime_settings() -> None:
     # In a child process: the setting is process-wide and pytest's process is shared.
-    code = "from covid_cxr.training.runtime import keep_freed_memory as k; print(k())"
+    code = "from covid_cxr.training.cpu import keep_freed_memory as k; print(k())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "True"  # Linux / glibc here
     assert cpu_threads(3) == 3
@@ -261,6 +263,7 @@ def test_training_run_leaves_a_complete_run_folder(full_run: Path) -> None:
     assert [line.split(",")[0] for line in history[1:]] == ["1", "2"]
     metrics = json.loads((full_run / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["n_train"] + metrics["n_val"] == 48
+    assert metrics["task"] == "classification" and metrics["selected_on"] == "val_auc"
     assert [Path(u["path"]).name for u in metrics["unreadable"]] == ["broken.png"]
     assert metrics["train_images_per_s"] > 0 and metrics["peak_rss_mib"] > 0
     # A real model learned something: these two sources are easy to tell apart.
@@ -277,12 +280,21 @@ def test_best_checkpoint_reloads_and_reproduces_its_validation_score(
     assert info.preprocess.size == 64
     assert info.version.startswith("ci-") and len(info.version.split("-")[-1]) == 8
     assert info.metadata["epoch"] == metrics["best_epoch"]
+    assert info.metadata["task"] == "classification"
     config = load_config(full_run / "config.toml", TrainConfig)
     val = decode_images(
         [r for r in load_manifest(manifest) if r.split == "val"], config.preprocess, workers=0
     )
     context = Context(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
-    logits, targets = predict(model, val, config, context)
+    runtime = config.runtime
+    logits, targets = predict(
+        model,
+        val,
+        context,
+        batch_size=runtime.eval_batch_size,
+        bf16=runtime.bf16,
+        channels_last=runtime.channels_last,
+    )
     again = binary_metrics(targets, logits, 0.0)
     assert again["auc"] == pytest.approx(metrics["val_auc"], abs=1e-9)
     assert again["acc"] == pytest.approx(metrics["val_accuracy"], abs=1e-9)
@@ -292,18 +304,48 @@ def test_best_checkpoint_reloads_and_reproduces_its_validation_score(
         assert torch.equal(model(x), reloaded(x))
 
 
-@pytest.mark.slow
-def test_resume_continues_from_the_next_epoch_and_matches_an_uninterrupted_run(
-    full_run: Path, manifest: Path, tmp_path: Path
+@pytest.fixture(scope="module")
+def one_epoch(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full run's first epoch alone: a last.pt to resume from."""
+    out = tmp_path_factory.mktemp("one-epoch")
+    base = ["train", "--config", str(CI_CONFIG), "--manifest", str(manifest), "--no-progress"]
+    assert main([*base, "--out", str(out), "--epochs", "1"]) == 0
+    assert read_checkpoint(out / "last.pt")["epoch"] == 1
+    return out
+
+
+def _resume_matches_the_uninterrupted_run(
+    last: Path, full_run: Path, manifest: Path, out: Path
 ) -> None:
     base = ["train", "--config", str(CI_CONFIG), "--manifest", str(manifest), "--no-progress"]
-    assert main([*base, "--out", str(tmp_path), "--epochs", "1"]) == 0
-    assert read_checkpoint(tmp_path / "last.pt")["epoch"] == 1
-    assert main([*base, "--out", str(tmp_path), "--resume", str(tmp_path / "last.pt")]) == 0
-    resumed = read_checkpoint(tmp_path / "last.pt")
+    assert main([*base, "--out", str(out), "--resume", str(last)]) == 0
+    resumed = read_checkpoint(out / "last.pt")
     straight = read_checkpoint(full_run / "last.pt")
     assert resumed["epoch"] == 2 and [r["epoch"] for r in resumed["history"]] == [1, 2]
     for key, value in straight["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+    for key in ("best_epoch", "best_score", "stale", "schedule"):
+        assert resumed[key] == straight[key], key
     # Nothing left to do: asking to resume a finished run says so.
-    assert main([*base, "--out", str(tmp_path), "--resume", str(tmp_path / "last.pt")]) == 2
+    assert main([*base, "--out", str(out), "--resume", str(out / "last.pt")]) == 2
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_next_epoch_and_matches_an_uninterrupted_run(
+    full_run: Path, manifest: Path, one_epoch: Path, tmp_path: Path
+) -> None:
+    _resume_matches_the_uninterrupted_run(one_epoch / "last.pt", full_run, manifest, tmp_path)
+
+
+@pytest.mark.slow
+def test_last_pt_files_from_before_train_state_still_resume(
+    full_run: Path, manifest: Path, one_epoch: Path, tmp_path: Path
+) -> None:
+    # What last.pt held before TrainState and tasks: "best_auc", no patience counter, no task.
+    state = read_checkpoint(one_epoch / "last.pt")
+    state["best_auc"] = state.pop("best_score")
+    del state["stale"], state["info"]["metadata"]["task"]
+    old = tmp_path / "old" / "last.pt"
+    old.parent.mkdir()
+    torch.save(state, old)
+    _resume_matches_the_uninterrupted_run(old, full_run, manifest, tmp_path / "resumed")

@@ -172,7 +172,7 @@ class RuntimeConfig:
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch intra-op threads on CPU (0: the cores, shared by local processes)
-    reuse_memory: bool = True  # keep freed memory in the heap (see covid_cxr.training.runtime)
+    reuse_memory: bool = True  # keep freed memory in the heap (see covid_cxr.training.cpu)
     bf16: bool = True  # bfloat16 autocast (AVX512-BF16 / AMX on CPU, tensor cores on CUDA)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (slow to start; measure before enabling)
@@ -183,11 +183,16 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A `covid-cxr train` recipe (configs/train/*.toml). `manifest` is relative to the repo root
-    unless absolute; rows with split "train" fit the model and "val" select the epoch."""
+    """A `covid-cxr train` recipe (configs/train/*.toml). `manifest` is relative to the current
+    directory unless absolute; rows with split "train" fit the model and "val" select the epoch.
+
+    `task` picks what is learnt (covid_cxr.training.tasks: "classification", or a task another
+    module registers); models and checkpoints without one are classification ones.
+    """
 
     name: str
     manifest: str
+    task: str = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     seed: int = 42

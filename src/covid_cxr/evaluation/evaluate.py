@@ -37,7 +37,11 @@ from covid_cxr.evaluation.result import (
     ValidationSummary,
 )
 from covid_cxr.evaluation.scoring import Scored, score_rows
-from covid_cxr.evaluation.thresholds import DEFAULT_THRESHOLD, choose_operating_points
+from covid_cxr.evaluation.thresholds import (
+    BALANCED_YOUDEN,
+    DEFAULT_THRESHOLD,
+    choose_operating_points,
+)
 from covid_cxr.explain.gradcam import overlay
 from covid_cxr.imaging.preprocess import grey_to_uint8
 from covid_cxr.inference.predictor import Predictor
@@ -189,9 +193,14 @@ def _operating_points(
     )
     if not val.rows:
         raise DataError(f"none of the {len(val_rows)} validation images could be read")
-    thresholds = choose_operating_points(val.targets, val.probabilities, o.target_sensitivity)
+    sources = [row.source for row in val.rows]
+    thresholds = choose_operating_points(
+        val.targets, val.probabilities, o.target_sensitivity, sources
+    )
     origins = {op: f"sensitivity >= {o.target_sensitivity:g} on {val_origin}" for op in thresholds}
     origins.update(default="fixed at 0.5", youden=f"Youden's J on {val_origin}")
+    if BALANCED_YOUDEN in thresholds:
+        origins[BALANCED_YOUDEN] = f"Youden's J, every (source, class) equal, on {val_origin}"
     overlap = {r.sha256 for r in val.rows if r.sha256} & {r.sha256 for r in rows if r.sha256}
     validation = ValidationSummary(
         origin=val_origin,

@@ -18,6 +18,7 @@ import numpy as np
 
 from covid_cxr.errors import ModelError
 from covid_cxr.inference.metadata import FEATURES, INPUT, LOGIT, parse_metadata
+from covid_cxr.numeric import sigmoid as sigmoid  # re-exported: predictor and export use it
 
 if TYPE_CHECKING:
     from covid_cxr.models.info import ModelInfo
@@ -25,11 +26,6 @@ if TYPE_CHECKING:
 
 def elapsed_ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Probabilities in float64, without overflow for large negative logits."""
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, dtype=np.float64)))
 
 
 class Runtime(Protocol):

@@ -8,6 +8,7 @@ Grad-CAM explains.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,12 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make `factory(**options)` available as `create(name, ...)`; registering a
+    different factory under a taken name warns (the later one wins)."""
+
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            warnings.warn(f"model {name!r} registered twice; the later one wins", stacklevel=2)
         _REGISTRY[name] = factory
         return factory
 

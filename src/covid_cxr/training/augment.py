@@ -11,6 +11,8 @@ images that is the pixel geometry about the centre.
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 import torch.nn.functional as F
 
@@ -68,19 +70,62 @@ def _geometric(config: AugmentConfig) -> bool:
     )
 
 
+@overload
 def augment_batch(
-    images: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Augment a float (N, C, H, W) batch in [0, 1]; returns a new float32 batch in [0, 1]."""
+    images: torch.Tensor,
+    config: AugmentConfig,
+    generator: torch.Generator | None = None,
+    masks: None = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def augment_batch(
+    images: torch.Tensor,
+    config: AugmentConfig,
+    generator: torch.Generator | None,
+    masks: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def augment_batch(
+    images: torch.Tensor,
+    config: AugmentConfig,
+    generator: torch.Generator | None = None,
+    masks: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Augment a float (N, C, H, W) batch in [0, 1]; returns a new float32 batch in [0, 1].
+
+    With `masks` (N, K, H, W), 0/1 (e.g. lung masks for segmentation), returns (images, masks):
+    each mask gets exactly its image's geometric transform (resampled bilinearly, then
+    re-binarised at 0.5) and no intensity change. The random draws are the same with or
+    without masks, so the images come out the same either way.
+    """
     x = images.float()
+    m = None if masks is None else masks.float()
     n = x.shape[0]
     if _geometric(config):
         theta = random_affine(n, config, generator)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode=config.fill, align_corners=False)
+        x = _resample(x, theta, config.fill)
+        m = None if m is None else _resample(m, theta, config.fill).ge_(0.5).float()
     elif config.hflip:
         flip = (torch.rand(n, generator=generator) < 0.5).view(n, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x)
+        m = None if m is None else torch.where(flip, m.flip(-1), m)
+    x = _jitter(x, config, generator).clamp_(0.0, 1.0)
+    return x if m is None else (x, m)
+
+
+def _resample(x: torch.Tensor, theta: torch.Tensor, fill: str) -> torch.Tensor:
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=fill, align_corners=False)
+
+
+def _jitter(
+    x: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Contrast, brightness and gamma, drawn per image (intensity only: never for masks)."""
+    n = x.shape[0]
     if config.contrast:
         c = _uniform(n, 1 - config.contrast, 1 + config.contrast, generator).float()
         mean = x.mean((1, 2, 3), keepdim=True)
@@ -91,7 +136,7 @@ def augment_batch(
     if config.gamma:
         g = _uniform(n, -config.gamma, config.gamma, generator).exp().float()
         x = x.clamp(0, 1) ** g.view(n, 1, 1, 1)
-    return x.clamp_(0.0, 1.0)
+    return x
 
 
 def describe(config: AugmentConfig) -> str:

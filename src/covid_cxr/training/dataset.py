@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,6 +34,27 @@ CACHE_DTYPES = {"uint8": torch.uint8, "float16": torch.float16}
 class Unreadable:
     path: str
     reason: str
+
+
+class Split(Protocol):
+    """One split of a task's data, decoded once and held in memory (what the loop needs)."""
+
+    unreadable: list[Unreadable]  # files left out, reported in metrics.json
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 inputs (N, C, S, S) in [0, 1] and their targets, un-augmented."""
+        ...
+
+    @property
+    def sources(self) -> list[str]:
+        """The sources (manifest `source` values) present, sorted."""
+        ...
+
+    def summary(self) -> str:
+        """One line for the log: counts per class, unreadable files."""
+        ...
 
 
 @dataclass
@@ -60,6 +82,10 @@ class CachedImages:
         target, not the finding, so that a source's handful of rare findings (ieee8023's SARS,
         Streptococcus, ...) is not drawn as often as a whole hospital."""
         return [(row.source, row.target) for row in self.rows]
+
+    @property
+    def sources(self) -> list[str]:
+        return sorted({row.source for row in self.rows})
 
     def summary(self) -> str:
         covid = int(self.targets.sum().item())

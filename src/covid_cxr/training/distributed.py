@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -76,6 +77,23 @@ def gather(context: Context, value: Any) -> list[Any]:
     out: list[Any] = [None] * context.world
     dist.all_gather_object(out, value)
     return out
+
+
+def shard(context: Context, length: int) -> slice:
+    """This process's contiguous share of `length` items. Contiguous (not strided) shares, so
+    that concatenating every process's results in rank order keeps the original order."""
+    share = -(-length // context.world)
+    return slice(context.rank * share, (context.rank + 1) * share)
+
+
+def gather_arrays(context: Context, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each of `arrays` concatenated over every process in rank order (the inverse of `shard`);
+    empty parts (a process with no share) are left out, whatever their shape."""
+    parts = gather(context, arrays)
+    return tuple(
+        np.concatenate([p[i] for p in parts if len(p[i])] or [parts[0][i]])
+        for i in range(len(arrays))
+    )
 
 
 def barrier(context: Context) -> None:
