@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,7 +88,11 @@ def test_kill_9_right_after_the_last_answer_loses_no_prediction(
         with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60) as c:
 
             def send(path: Path) -> tuple[str, str, float]:
-                r = c.post("/api/v1/predict", files={"file": (path.name, path.read_bytes())})
+                for _ in range(120):  # /readyz said one process is ready; the other may load
+                    r = c.post("/api/v1/predict", files={"file": (path.name, path.read_bytes())})
+                    if r.status_code != 503 or r.json()["error"]["code"] != "not_ready":
+                        break
+                    time.sleep(0.5)
                 assert r.status_code == 200, r.text
                 return r.headers["x-request-id"], sha256_of(path), r.json()["probability"]
 
