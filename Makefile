@@ -25,6 +25,13 @@ chromium:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium not installed: browser tests will skip"; }
 
+# The telemetry test watches ONNX Runtime's network calls with strace; install it when root.
+.PHONY: strace
+strace:
+	@command -v strace >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null) \
+	  || echo "strace not installed: the telemetry test will skip"; }
+
 # The audit-trail tests run a throwaway PostgreSQL cluster from Debian's package; install it
 # when we can (root), else those tests skip locally (and fail under CI=true).
 .PHONY: postgresql
@@ -41,5 +48,5 @@ format: setup
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-test: setup chromium postgresql lint
+test: setup chromium strace postgresql lint
 	$(BIN)/pytest -q; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 0; exit $$status

@@ -50,8 +50,11 @@ def start_server(
     cwd: Path | None = None,
     python_args: Sequence[str] = ("-m", "covid_cxr.cli"),
     timeout: float = 120.0,
+    python: Sequence[str] = (sys.executable,),
 ) -> RunningServer:
     """Run `python <python_args> serve --host 127.0.0.1 --port <free> <serve_args>`.
+
+    `python`: the interpreter, or a command wrapping it (another venv's, strace -f python).
 
     The child gets this environment minus COVID_CXR_* settings (so a developer's shell does
     not change what is measured or tested), plus `env`. Its output goes to `log_path`.
@@ -60,7 +63,7 @@ def start_server(
     port = free_port()
     keep = {"COVID_CXR_DATA"}
     clean = {k: v for k, v in os.environ.items() if not k.startswith("COVID_CXR_") or k in keep}
-    command = [sys.executable, *python_args, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = [*python, *python_args, "serve", "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [*command, *serve_args],

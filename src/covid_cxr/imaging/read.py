@@ -2,9 +2,12 @@
 
 CONTRACT (other modules rely on exactly this):
 
-    read_radiograph(source, *, name=None, max_pixels=MAX_PIXELS, min_side=MIN_SIDE) -> Radiograph
+    read_radiograph(source, *, name=None, max_pixels=MAX_PIXELS, min_side=MIN_SIDE,
+                    max_bytes=None) -> Radiograph
 
 `source` is a path (str or Path) or raw bytes; `name` labels bytes in error messages.
+`max_bytes` (None: 3 bytes per allowed pixel plus 16 MiB, the most an uncompressed image within
+`max_pixels` can take) is checked with stat() before a byte of a path is read.
 Raises a subclass of covid_cxr.errors.RadiographError on every bad input.
 
 Decisions, so that every caller gets the same pixels for the same file:
@@ -19,12 +22,16 @@ Decisions, so that every caller gets the same pixels for the same file:
   (rescale slope/intercept) and the VOI LUT (or window centre/width) it is min-max scaled,
   then MONOCHROME1 is inverted so that 1 is always white (bone).
 - The pixel-count guard runs on the header (Pillow's lazy open, DICOM Rows x Columns) before a
-  single pixel is decoded.
+  single pixel is decoded; decoding holds the stored integers plus one float32 copy, no more.
+- Only regular files are opened: a named pipe would block the reader forever.
+- DICOM lives in imaging/dicom.py (imported, with pydicom, only when a file is DICOM).
 """
 
 from __future__ import annotations
 
 import io
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,7 @@ from covid_cxr.errors import (
 
 MAX_PIXELS = 60_000_000
 MIN_SIDE = 64
+HEADER_BYTES = 16 * 2**20  # what a file may hold beside its pixels (DICOM headers, overlays)
 
 _FORMATS = {"PNG", "JPEG", "MPO", "TIFF"}
 _SAVE_AS = "save the radiograph as PNG, JPEG or DICOM"
@@ -62,15 +70,6 @@ _COLOUR = {"RGB", "RGBX", "CMYK", "YCbCr", "P"}
 _ALPHA = {"LA", "RGBA", "PA"}
 _MODES = _GRAY8.keys() | _GRAY16 | _COLOUR | _ALPHA
 _PHOTOMETRIC = {"L": "MONOCHROME2", "1": "MONOCHROME2", "P": "PALETTE", "PA": "PALETTE"}
-_DICOM_PHOTOMETRIC = {
-    "MONOCHROME1",
-    "MONOCHROME2",
-    "RGB",
-    "YBR_FULL",
-    "YBR_FULL_422",
-    "YBR_ICT",
-    "YBR_RCT",
-}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -96,14 +95,34 @@ def read_radiograph(
     name: str | None = None,
     max_pixels: int = MAX_PIXELS,
     min_side: int = MIN_SIDE,
+    max_bytes: int | None = None,
 ) -> Radiograph:
     """Decode one radiograph, refusing bad input with an error that says which file and why."""
-    label, data = _read_bytes(source, name)
+    limit = max_limit_bytes(max_pixels) if max_bytes is None else max_bytes
+    label, data = _read_bytes(source, name, limit)
     if not data:
         raise EmptyFileError(label, "the file is empty (0 bytes)", _EXPORT_AGAIN)
+    if len(data) > limit:
+        raise _too_many_bytes(label, len(data), limit)
     if sniff_format(data) == "DICOM":
-        return _read_dicom(data, label, max_pixels, min_side, preamble=True)
+        from covid_cxr.imaging.dicom import read_dicom
+
+        return read_dicom(data, label, max_pixels, min_side, preamble=True)
     return _read_pillow(data, label, max_pixels, min_side)
+
+
+def max_limit_bytes(max_pixels: int) -> int:
+    """The largest file an image within `max_pixels` needs: uncompressed RGB or 16-bit
+    grayscale (up to 3 bytes a pixel) plus a header."""
+    return 3 * max_pixels + HEADER_BYTES
+
+
+def _too_many_bytes(label: str, size: int, limit: int) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        label,
+        f"the file is {size / 2**20:,.1f} MiB, more than the limit of {limit / 2**20:,.1f} MiB",
+        "check that this is a radiograph; save it as PNG or JPEG, which are much smaller",
+    )
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -116,13 +135,22 @@ def sniff_format(data: bytes) -> str | None:
     return next((kind for sig, kind in _SIGNATURES.items() if data.startswith(sig)), None)
 
 
-def _read_bytes(source: str | Path | bytes, name: str | None) -> tuple[str, bytes]:
+def _read_bytes(source: str | Path | bytes, name: str | None, limit: int) -> tuple[str, bytes]:
     if isinstance(source, bytes | bytearray | memoryview):
         return name or "<bytes>", bytes(source)
     path = Path(source)
     label = name or str(path)
     try:
-        return label, path.read_bytes()
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a named pipe, device or socket"
+            raise UnreadableFileError(label, f"not a regular file ({kind})", "name an image file")
+        if info.st_size > limit:
+            raise _too_many_bytes(label, info.st_size, limit)
+        # O_NONBLOCK: should the path become a named pipe after the stat, open() must not wait.
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(handle, "rb") as stream:
+            return label, stream.read(limit + 1)
     except OSError as exc:
         reason = f"cannot read the file ({exc.strerror or exc})"
         raise UnreadableFileError(label, reason, "check the path and its permissions") from exc
@@ -154,7 +182,9 @@ def _read_pillow(data: bytes, label: str, max_pixels: int, min_side: int) -> Rad
             raise CorruptImageError(
                 label, f"starts like a {kind} file but its header is damaged", _EXPORT_AGAIN
             ) from None
-        return _read_dicom(data, label, max_pixels, min_side, preamble=False)
+        from covid_cxr.imaging.dicom import read_dicom
+
+        return read_dicom(data, label, max_pixels, min_side, preamble=False)
     except Exception as exc:
         raise CorruptImageError(label, f"damaged image header ({exc})", _EXPORT_AGAIN) from exc
     with image:
@@ -186,7 +216,10 @@ def _read_pillow(data: bytes, label: str, max_pixels: int, min_side: int) -> Rad
             ) from exc
         if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
             image = ImageOps.exif_transpose(image)
-        pixels, bit_depth = _pillow_gray(image, label)
+        values, scale, bit_depth = _pillow_values(image, label)
+    # Pillow's copy is freed (closed) before the one float32 copy is made.
+    pixels = np.multiply(values, np.float32(scale), dtype=np.float32)
+    del values
     return Radiograph(
         pixels=pixels,
         width=pixels.shape[1],
@@ -198,8 +231,9 @@ def _read_pillow(data: bytes, label: str, max_pixels: int, min_side: int) -> Rad
     )
 
 
-def _pillow_gray(image: Image.Image, label: str) -> tuple[np.ndarray, int]:
-    """Luminance in [0, 1] with one pass over the pixels for the common 8-bit case."""
+def _pillow_values(image: Image.Image, label: str) -> tuple[np.ndarray, float, int]:
+    """(integer luminance, its full-scale factor, bit depth): the smallest exact representation,
+    so a large image is held once as integers and once as float32, never as float64."""
     mode = image.mode
     if mode in _GRAY16:
         values = np.asarray(image)
@@ -207,17 +241,17 @@ def _pillow_gray(image: Image.Image, label: str) -> tuple[np.ndarray, int]:
             raise UnsupportedImageError(
                 label, "32-bit integer pixels outside the 16-bit range 0..65535", _SAVE_AS
             )
-        return np.multiply(values, np.float32(1 / 65535), dtype=np.float32), 16
+        return values, 1 / 65535, 16
     if mode == "PA" or (mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
     if image.mode in _ALPHA:
+        # Composited on black: luma x alpha, exact in 16 bits (255 x 255 = 65025).
         alpha = np.asarray(image.getchannel("A"))
-        luma = np.multiply(np.asarray(image.convert("L")), alpha, dtype=np.float32)
-        return np.multiply(luma, np.float32(1 / 65025), out=luma), 8
+        return np.multiply(np.asarray(image.convert("L")), alpha, dtype=np.uint16), 1 / 65025, 8
     bit_depth = _GRAY8.get(mode, 8)
     if mode != "L":
         image = image.convert("L")
-    return np.multiply(np.asarray(image), np.float32(1 / 255), dtype=np.float32), bit_depth
+    return np.asarray(image), 1 / 255, bit_depth
 
 
 def _not_an_image(label: str) -> NotAnImageError:
@@ -225,103 +259,4 @@ def _not_an_image(label: str) -> NotAnImageError:
         label,
         "not a PNG, JPEG, TIFF or DICOM image (the content is not any image format)",
         f"check that this is the right file; {_SAVE_AS}",
-    )
-
-
-def _read_dicom(
-    data: bytes, label: str, max_pixels: int, min_side: int, *, preamble: bool
-) -> Radiograph:
-    """Decode a DICOM file; without the 'DICM' preamble only if pydicom finds pixel data."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=not preamble)
-        has_pixels = "PixelData" in ds
-    except Exception as exc:
-        if not preamble:
-            raise _not_an_image(label) from None
-        raise CorruptImageError(label, f"damaged DICOM file ({exc})", _EXPORT_AGAIN) from exc
-    if not has_pixels:
-        if not preamble:
-            raise _not_an_image(label)
-        raise NotAnImageError(
-            label,
-            "DICOM file without pixel data (a report, DICOMDIR or other non-image object)",
-            "export the radiograph image itself",
-        )
-    try:
-        frames = int(ds.get("NumberOfFrames") or 1)
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        photometric = str(ds.PhotometricInterpretation).strip().upper()
-        bit_depth = int(ds.get("BitsStored") or ds.BitsAllocated)
-    except Exception as exc:
-        raise CorruptImageError(
-            label, f"DICOM image attributes missing or invalid ({exc})", _EXPORT_AGAIN
-        ) from exc
-    if frames > 1:
-        raise UnsupportedImageError(
-            label,
-            f"multi-frame DICOM ({frames} frames: a cine loop, tomosynthesis or 3-D volume)",
-            "export the single radiograph frame as its own DICOM or PNG",
-        )
-    _check_size(label, columns, rows, max_pixels, min_side)
-    if photometric not in _DICOM_PHOTOMETRIC:
-        raise UnsupportedImageError(
-            label, f"DICOM photometric interpretation {photometric} is not supported", _SAVE_AS
-        )
-    if "TransferSyntaxUID" not in ds.file_meta:
-        # A bare dataset (no file meta): pydicom guessed its encoding while parsing, and the
-        # pixel decoders need that guess written down as a transfer syntax.
-        guessed = {
-            (True, True): ImplicitVRLittleEndian,
-            (False, True): ExplicitVRLittleEndian,
-            (False, False): ExplicitVRBigEndian,
-        }
-        ds.file_meta.TransferSyntaxUID = guessed.get(ds.original_encoding, ImplicitVRLittleEndian)
-    syntax = ds.file_meta.TransferSyntaxUID
-    try:
-        decoder = get_decoder(syntax)
-    except (NotImplementedError, ValueError):
-        decoder = None
-    if decoder is None or not decoder.is_available:
-        missing = "; ".join(decoder.missing_dependencies) if decoder else "no decoder exists"
-        raise UnsupportedImageError(
-            label,
-            f"DICOM transfer syntax {syntax.name or syntax} cannot be decoded here ({missing})",
-            "export it uncompressed or as JPEG / JPEG 2000 / RLE Lossless",
-        )
-    try:
-        values = ds.pixel_array
-    except MemoryError:
-        raise
-    except Exception as exc:
-        raise CorruptImageError(
-            label, f"DICOM pixel data cannot be decoded ({exc})", _EXPORT_AGAIN
-        ) from exc
-    if values.ndim == 3 and values.shape[-1] == 3:
-        pixels = values @ _LUMA
-    elif values.ndim == 2:
-        pixels = apply_voi_lut(apply_modality_lut(values, ds), ds).astype(np.float32, copy=False)
-    else:
-        raise UnsupportedImageError(
-            label, f"DICOM pixel data of shape {values.shape} is not one 2-D image", _SAVE_AS
-        )
-    low, high = pixels.min(), pixels.max()
-    pixels -= low
-    if high > low:
-        pixels /= high - low
-    if photometric == "MONOCHROME1":
-        np.subtract(1, pixels, out=pixels)
-    del ds.PixelData  # keep the header only; the pixels live on as `pixels`
-    return Radiograph(
-        pixels=pixels,
-        width=columns,
-        height=rows,
-        format="DICOM",
-        bit_depth=bit_depth,
-        photometric=photometric,
-        source=label,
-        dataset=ds,
     )

@@ -5,14 +5,41 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from covid_cxr import RESEARCH_NOTICE
+from covid_cxr.service.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from covid_cxr.audit.capture import CliTrail
+    from covid_cxr.inference.batch import Failure, Inputs
+    from covid_cxr.inference.predictor import Prediction, Predictor
+    from covid_cxr.inference.writers import Format, RowWriter
+
+MAX_FILE_MB = 64.0
+DEFAULT_MAX_PIXELS = ServiceSettings.max_pixels
 
 PREDICT_EPILOG = f"""\
+output: without --output, rows stream to stdout as they are predicted. With --output FILE,
+rows stream to .FILE.partial beside it (follow it with `tail -f`) and FILE is replaced only
+when the run completes: an interrupted or killed run never truncates an earlier FILE. Rerun
+with --resume to keep the predicted rows of FILE and of a killed run's .FILE.partial, and to
+predict only the rest (failed rows are tried again); resumed rows come first.
+
+skipped inputs: inside folders, files with other extensions are ignored (counted in the
+summary); hidden files are not searched. Unreadable folders and files, symbolic link loops,
+dangling links, named pipes, sockets and devices become rows with the reason (pipes are never
+opened). A file larger than --max-file-mb, or whose header claims more than --max-pixels
+pixels, is refused before it is decoded.
+
 exit status: 0 every input was predicted; 1 at least one input failed (each failure is
 reported on stderr and as a row with an `error` column, and never stops the batch);
-2 usage error (bad option, model not found).
+2 usage error (bad option, model not found, --resume without a csv/jsonl --output).
 
 {RESEARCH_NOTICE}
 """
@@ -85,14 +112,44 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--format", choices=FORMATS, help="default: from --output's suffix, else table"
     )
-    parser.add_argument("--output", type=Path, help="write rows here instead of stdout")
+    parser.add_argument(
+        "--output", type=Path, help="write rows here instead of stdout (replaced at the end)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the predicted rows of --output (csv/jsonl) and of a killed run; "
+        "predict only the other inputs",
+    )
     parser.add_argument("--cam", type=Path, metavar="DIR", help="write Grad-CAM overlays here")
+    parser.add_argument(
+        "--dicom-out",
+        type=Path,
+        metavar="DIR",
+        help="write DICOM results here: <stem>.sr.dcm (Structured Report) and <stem>.sc.dcm "
+        "(Grad-CAM Secondary Capture), in the input's study (PNG/JPEG inputs: a new study)",
+    )
     parser.add_argument(
         "--batch-size", type=_positive, default=16, help="images per model call (default 16)"
     )
     parser.add_argument("--workers", type=_positive, default=2, help="decoding threads")
     parser.add_argument("--threads", type=_positive, help="model threads (ONNX default 1)")
     parser.add_argument("--operating-point", help="a named threshold of the model")
+    parser.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=MAX_FILE_MB,
+        metavar="MB",
+        help=f"refuse larger files from their size, unread (default {MAX_FILE_MB:g}: an "
+        "uncompressed 16-bit DICOM from the largest detectors is ~40 MB)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images whose header claims more (default {DEFAULT_MAX_PIXELS:,}, as "
+        "`covid-cxr serve`)",
+    )
     add_audit_options(parser)
     parser.set_defaults(func=run_predict)
 
@@ -115,11 +172,12 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_format(args: argparse.Namespace) -> str:
+def _output_format(args: argparse.Namespace) -> Format:
     if args.format:
         return args.format
     suffix = args.output.suffix.lower() if args.output else ""
-    return {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix, "table")
+    formats: dict[str, Format] = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+    return formats.get(suffix, "table")
 
 
 def _cam_file(folder: Path, source: Path, used: set[str]) -> Path:
@@ -131,83 +189,206 @@ def _cam_file(folder: Path, source: Path, used: set[str]) -> Path:
     return folder / name
 
 
-def run_predict(args: argparse.Namespace) -> int:
+def _dicom_results(
+    folder: Path, predictor: Predictor, path: Path, result: Prediction, used: set[str], bar: tqdm
+) -> bool:
+    """Write the SR and SC of one prediction (`--dicom-out`); False (reported) on failure."""
+    from covid_cxr.dicom import build_results, write_results
+    from covid_cxr.errors import RadiographError
+    from covid_cxr.explain.gradcam import overlay
+
+    stem, n = path.stem, 1
+    while stem in used:
+        n += 1
+        stem = f"{path.stem}.{n}"
+    used.add(stem)
+    assert result.cam is not None  # predicted with cam=True
+    rgb = overlay(result.radiograph.pixels, result.cam, crop=predictor.info.preprocess.crop)
+    try:
+        results = build_results(
+            result.radiograph,
+            result,
+            rgb,
+            predictor.info,
+            operating_point=predictor.operating_point,
+        )
+    except RadiographError as exc:
+        bar.write(f"covid-cxr predict: {path}: no DICOM results: {exc}", file=sys.stderr)
+        return False
+    write_results(results, folder, stem)
+    return True
+
+
+@dataclass
+class _Tally:
+    predicted: int = 0
+    failed: int = 0
+    resumed: int = 0
+
+
+def _predictor(args: argparse.Namespace) -> Predictor:
+    from covid_cxr.errors import ModelError
+    from covid_cxr.inference.predictor import Predictor
+
+    predictor = Predictor(args.model, threads=args.threads, operating_point=args.operating_point)
+    if (args.cam or args.dicom_out) and not predictor.cam_available:
+        raise ModelError(predictor.runtime.cam_unavailable or "Grad-CAM unavailable")
+    return predictor
+
+
+def _kept_rows(args: argparse.Namespace, fmt: Format, inputs: Inputs) -> dict[str, dict]:
+    """With --resume, the earlier rows of inputs predicted then, by path (and --output checked
+    before any work: a folder or a --resume without csv/jsonl output is a usage error)."""
+    from covid_cxr.errors import ConfigError
+    from covid_cxr.inference.writers import previous_rows
+
+    if args.output is not None and args.output.is_dir():
+        raise ConfigError(f"--output {args.output} is a folder; name the file to write")
+    if not args.resume:
+        return {}
+    if args.output is None or fmt not in ("csv", "jsonl"):
+        raise ConfigError("--resume needs --output with --format csv or jsonl")
+    wanted = {str(path) for path in inputs.files}
+    kept = {}
+    for row in previous_rows(args.output, fmt):
+        if row.get("path") in wanted:
+            if row.get("error") is None:
+                kept[str(row["path"])] = row
+            else:  # a failure earlier: try again
+                kept.pop(str(row["path"]), None)
+    return kept
+
+
+def _write_failures(writer: RowWriter, failures: list[Failure], bar: tqdm, trail: CliTrail) -> int:
+    from covid_cxr.inference.writers import record
+
+    for failure in failures:
+        bar.write(f"covid-cxr predict: {failure.source}: {failure.reason}", file=sys.stderr)
+        trail.record(failure.source, failure)
+        writer.write(record(failure.source, failure, None))
+    return len(failures)
+
+
+def _save_cam(
+    args: argparse.Namespace, predictor: Predictor, path: Path, result: Prediction, used: set[str]
+) -> str | None:
     from PIL import Image
+
+    from covid_cxr.explain.gradcam import overlay
+
+    if args.cam is None or result.cam is None:
+        return None
+    cam_file = _cam_file(args.cam, path, used)
+    crop = predictor.info.preprocess.crop
+    Image.fromarray(overlay(result.radiograph.pixels, result.cam, crop=crop)).save(cam_file)
+    return str(cam_file)
+
+
+def _predict_rows(
+    args: argparse.Namespace,
+    predictor: Predictor,
+    files: list[Path],
+    writer: RowWriter,
+    tally: _Tally,
+    bar: tqdm,
+    trail: CliTrail,
+) -> None:
+    """Predict `files`, recording each in the audit trail and then writing its row."""
+    from covid_cxr.inference.batch import Failure, Limits, predict_files
+    from covid_cxr.inference.writers import record
+
+    limits = Limits(max_bytes=int(args.max_file_mb * 2**20), max_pixels=args.max_pixels)
+    used_names: set[str] = set()
+    used_dicom: set[str] = set()
+    results = predict_files(
+        predictor,
+        files,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        cam=args.cam is not None or args.dicom_out is not None,
+        limits=limits,
+    )
+    for path, result in results:
+        cam_path = None
+        if isinstance(result, Failure):
+            bar.write(f"covid-cxr predict: {path}: {result.reason}", file=sys.stderr)
+            tally.failed += 1
+        else:
+            tally.predicted += 1
+            cam_path = _save_cam(args, predictor, path, result, used_names)
+            if args.dicom_out is not None and not _dicom_results(
+                args.dicom_out, predictor, path, result, used_dicom, bar
+            ):
+                tally.failed += 1
+        trail.record(path, result)  # before its row: a reported result is always recorded
+        writer.write(record(str(path), result, cam_path))
+        bar.update()
+
+
+def _rows_to(args: argparse.Namespace, fmt: Format, kept: list[dict]) -> AbstractContextManager:
+    """Where rows go: a RowFile for --output, else a RowWriter on stdout."""
+    from covid_cxr.inference.writers import RowFile, RowWriter
+
+    if args.output is not None:
+        return RowFile(args.output, fmt, kept, with_cam=args.cam is not None)
+    return nullcontext(RowWriter(sys.stdout, fmt, with_cam=args.cam is not None))
+
+
+def _summary(tally: _Tally, inputs: Inputs, elapsed: float) -> str:
+    summary = f"{tally.predicted} predicted, {tally.failed} failed"
+    if tally.resumed:
+        summary += f", {tally.resumed} kept from the earlier output (--resume)"
+    if inputs.skipped:
+        summary += f", {inputs.skipped} non-image file(s) in folders ignored"
+    rate = tally.predicted / elapsed if elapsed > 0 else 0.0
+    return f"{summary} in {elapsed:.1f} s ({rate:.1f} images/s)"
+
+
+def run_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from covid_cxr.audit.capture import CliTrail
     from covid_cxr.audit.cli import audit_url
-    from covid_cxr.errors import DataError, ModelError
-    from covid_cxr.explain.gradcam import overlay
-    from covid_cxr.inference.batch import Failure, gather, predict_files
-    from covid_cxr.inference.predictor import Predictor
-    from covid_cxr.inference.writers import RowWriter, record
+    from covid_cxr.errors import DataError
+    from covid_cxr.inference.batch import gather
+    from covid_cxr.inference.writers import partial_path
 
     fmt = _output_format(args)
-    predictor = Predictor(args.model, threads=args.threads, operating_point=args.operating_point)
-    if args.cam and not predictor.cam_available:
-        raise ModelError(predictor.runtime.cam_unavailable or "Grad-CAM unavailable")
+    predictor = _predictor(args)
     inputs = gather(args.paths)
     if not inputs.files and not inputs.failures:
         raise DataError(f"no radiographs found in {' '.join(args.paths)}")
-    trail = CliTrail(audit_url(args), predictor)  # each input is recorded before its row
+    kept = _kept_rows(args, fmt, inputs)
+    trail = CliTrail(audit_url(args), predictor)
+    todo = [path for path in inputs.files if str(path) not in kept]
     if args.cam:
         args.cam.mkdir(parents=True, exist_ok=True)
-    stream = args.output.open("w", encoding="utf-8", newline="") if args.output else sys.stdout
-    notice_stream = stream if fmt == "table" else sys.stderr
-    print(f"{RESEARCH_NOTICE}\nmodel: {predictor!r}", file=notice_stream)
-    writer = RowWriter(stream, fmt, with_cam=args.cam is not None)
-    failed = predicted = 0
-    used_names: set[str] = set()
+    tally = _Tally(resumed=len(kept))
     start = time.perf_counter()
+    to_terminal = args.output is None and sys.stdout.isatty()
     # Rows on the terminal are their own progress display; elsewhere show a bar on stderr.
     bar = tqdm(
-        total=len(inputs.files),
-        unit="img",
-        desc="predicting",
-        disable=True if stream is sys.stdout and sys.stdout.isatty() else None,
+        total=len(todo), unit="img", desc="predicting", disable=True if to_terminal else None
     )
     try:
-        for failure in inputs.failures:
-            print(f"covid-cxr predict: {failure.source}: {failure.reason}", file=sys.stderr)
-            trail.record(failure.source, failure)
-            writer.write(record(failure.source, failure, None))
-            failed += 1
-        results = predict_files(
-            predictor,
-            inputs.files,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            cam=args.cam is not None,
-        )
-        for path, result in results:
-            cam_path = None
-            if isinstance(result, Failure):
-                bar.write(f"covid-cxr predict: {path}: {result.reason}", file=sys.stderr)
-                failed += 1
-            else:
-                predicted += 1
-                if args.cam is not None and result.cam is not None:
-                    cam_file = _cam_file(args.cam, path, used_names)
-                    crop = predictor.info.preprocess.crop
-                    Image.fromarray(overlay(result.radiograph.pixels, result.cam, crop=crop)).save(
-                        cam_file
-                    )
-                    cam_path = str(cam_file)
-            trail.record(path, result)
-            writer.write(record(str(path), result, cam_path))
-            bar.update()
+        with _rows_to(args, fmt, list(kept.values())) as writer:
+            notice = writer.stream if fmt == "table" else sys.stderr
+            print(f"{RESEARCH_NOTICE}\nmodel: {predictor!r}", file=notice)
+            tally.failed += _write_failures(writer, inputs.failures, bar, trail)
+            _predict_rows(args, predictor, todo, writer, tally, bar, trail)
+    except KeyboardInterrupt:
+        if args.output is not None:
+            partial = partial_path(args.output)
+            print(
+                f"covid-cxr predict: interrupted; the rows so far are in {partial}, "
+                "rerun with --resume to continue",
+                file=sys.stderr,
+            )
+        raise
     finally:
         bar.close()
         trail.close()
-        if stream is not sys.stdout:
-            stream.close()
-    elapsed = time.perf_counter() - start
-    summary = f"{predicted} predicted, {failed} failed"
-    if inputs.skipped:
-        summary += f", {inputs.skipped} non-image file(s) in folders ignored"
-    rate = predicted / elapsed if elapsed > 0 else 0.0
-    print(f"{summary} in {elapsed:.1f} s ({rate:.1f} images/s)", file=sys.stderr)
+    print(_summary(tally, inputs, time.perf_counter() - start), file=sys.stderr)
     if fmt != "table" or args.output:
         print(RESEARCH_NOTICE, file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if tally.failed else 0

@@ -24,7 +24,7 @@ from covid_cxr.service.uploads import UploadedFile, too_large
 
 if TYPE_CHECKING:
     from covid_cxr.imaging import Radiograph
-    from covid_cxr.inference.predictor import Predictor
+    from covid_cxr.inference.predictor import Prediction, Predictor
 
 CAM_ALPHA = 0.4
 # Where the model was trained from is the operator's business, not the API client's.
@@ -121,20 +121,25 @@ class Engine:
             )
         return read_radiograph(upload.data, name=name, max_pixels=self.settings.max_pixels)
 
-    def analyse(self, upload: UploadedFile, cam: bool, preview: bool) -> schemas.Prediction:
+    def analyse(
+        self, upload: UploadedFile, cam: bool, preview: bool, dicom: bool = False
+    ) -> schemas.Prediction:
         start = time.perf_counter()
         radiograph = self.read(upload)
         decoded = time.perf_counter()
-        cam = cam and self.predictor.cam_available
-        result = self.predictor.predict(radiograph, name=upload.filename, cam=cam)
+        # DICOM results carry the heat map too (in their Secondary Capture).
+        heat = (cam or dicom) and self.predictor.cam_available
+        result = self.predictor.predict(radiograph, name=upload.filename, cam=heat)
         predicted = time.perf_counter()
         from covid_cxr.explain.gradcam import overlay
 
         crop = self.predictor.info.preprocess.crop
-        small = _fit(radiograph.pixels, self.settings.image_max_side) if cam or preview else None
-        cam_png = _png(overlay(small, result.cam, alpha=CAM_ALPHA, crop=crop)) if cam else None
+        small = _fit(radiograph.pixels, self.settings.image_max_side) if heat or preview else None
+        heat_rgb = overlay(small, result.cam, alpha=CAM_ALPHA, crop=crop) if heat else None
+        cam_png = _png(heat_rgb) if cam and heat_rgb is not None else None
         grey = (np.clip(small, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8) if preview else None
         preview_png = _png(grey) if preview else None
+        dicom_results = self._dicom(radiograph, result, heat_rgb) if dicom else None
         done = time.perf_counter()
         timings = {k: float(v) for k, v in result.timings_ms.items() if k not in ("read", "total")}
         timings.update(
@@ -156,6 +161,34 @@ class Engine:
             timings_ms={k: round(v, 2) for k, v in timings.items()},
             cam=cam_png,
             preview=preview_png,
+            dicom=dicom_results,
+        )
+
+    def _dicom(
+        self, radiograph: Radiograph, result: Prediction, heat_rgb: np.ndarray | None
+    ) -> schemas.DicomResults:
+        """SR and SC in memory (never written here); the SC shows the heat map when the model
+        has one, else the radiograph, at the size the `cam` image has."""
+        from covid_cxr.dicom import build_results
+        from covid_cxr.imaging.preprocess import grey_to_uint8
+
+        if heat_rgb is None:
+            grey = grey_to_uint8(_fit(radiograph.pixels, self.settings.image_max_side))
+            heat_rgb = np.repeat(grey[..., None], 3, axis=2)
+        built = build_results(
+            radiograph,
+            result,
+            heat_rgb,
+            self.predictor.info,
+            operating_point=self.predictor.operating_point,
+        )
+        return schemas.DicomResults(
+            sr_base64=base64.b64encode(built.sr_bytes()).decode("ascii"),
+            sc_base64=base64.b64encode(built.sc_bytes()).decode("ascii"),
+            study_instance_uid=str(built.sr.StudyInstanceUID),
+            sr_sop_instance_uid=str(built.sr.SOPInstanceUID),
+            sc_sop_instance_uid=str(built.sc.SOPInstanceUID),
+            new_study=built.new_study,
         )
 
     def model_card(self, api_key_required: bool) -> schemas.ModelCard:

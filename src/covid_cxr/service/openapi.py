@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from covid_cxr import RESEARCH_NOTICE
 from covid_cxr.service import schemas
 
-FLAG_FIELDS = ("cam", "preview")
+FLAG_FIELDS = ("cam", "preview", "dicom")
 
 DESCRIPTION = f"""COVID-19 detection on chest X-rays. **{RESEARCH_NOTICE}**
 
@@ -24,6 +24,11 @@ never by the file name or declared type. Uploads stay in memory and are never st
   `image_max_side`) to keep responses small.
 * `preview=true` adds the radiograph as the server decoded it (for DICOM, which browsers
   cannot show).
+* `dicom=true` adds DICOM results as base64 Part 10 files: a Structured Report (TID 1500: the
+  finding, probability, threshold, operating point, model, research notice, a reference to
+  the input) and a Secondary Capture of the Grad-CAM overlay (at the `cam` size) under a
+  burned-in "Research use only" banner. For a DICOM upload both join its study, with its
+  patient and study attributes; for PNG/JPEG they open a new study with an empty patient.
 * When the server has an API key, every `/api/` call needs header `X-API-Key` (the web page
   asks for it); the page, `/docs`, `/healthz` and `/readyz` stay open.
 * When the server is busy it answers 503 with `Retry-After`; a client that would rather wait

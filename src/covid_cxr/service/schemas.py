@@ -28,6 +28,17 @@ class ImagePNG(BaseModel):
     height: int
 
 
+class DicomResults(BaseModel):
+    """The prediction as DICOM objects (`dicom=true`), each a base64 DICOM Part 10 file."""
+
+    sr_base64: str = Field(description="Comprehensive 3D SR, TID 1500 measurement report")
+    sc_base64: str = Field(description="Secondary Capture: Grad-CAM overlay under a banner")
+    study_instance_uid: str = Field(description="the input's study, or the new one for PNG/JPEG")
+    sr_sop_instance_uid: str
+    sc_sop_instance_uid: str
+    new_study: bool = Field(description="true when the upload was not DICOM")
+
+
 class Prediction(BaseModel):
     filename: str | None = Field(None, description="the uploaded file's name, as sent")
     probability: float = Field(ge=0.0, le=1.0, description="model probability of COVID-19")
@@ -45,6 +56,9 @@ class Prediction(BaseModel):
     )
     preview: ImagePNG | None = Field(
         None, description="the radiograph as the server decoded it (when preview=true)"
+    )
+    dicom: DicomResults | None = Field(
+        None, description="the result as DICOM SR and Secondary Capture (when dicom=true)"
     )
     notice: str = RESEARCH_NOTICE
 

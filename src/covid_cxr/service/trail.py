@@ -31,7 +31,9 @@ class Analyser(Protocol):
     name: str
     version: str
 
-    def analyse(self, upload: UploadedFile, cam: bool, preview: bool) -> schemas.Prediction: ...
+    def analyse(
+        self, upload: UploadedFile, cam: bool, preview: bool, dicom: bool = False
+    ) -> schemas.Prediction: ...
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,12 @@ class Trail:
         self.recorder = recorder
         self.context = context
 
-    def predict(self, upload: UploadedFile, cam: bool, preview: bool) -> schemas.Prediction:
+    def predict(
+        self, upload: UploadedFile, cam: bool, preview: bool, dicom: bool = False
+    ) -> schemas.Prediction:
         """One file: its prediction, or its error raised after the event is recorded."""
         try:
-            result = self.engine.analyse(upload, cam, preview)
+            result = self.engine.analyse(upload, cam, preview, dicom)
         except Exception as exc:
             self.record(upload, None, error_of(exc)[1])
             raise
@@ -86,14 +90,14 @@ class Trail:
         return result
 
     def predict_batch(
-        self, uploads: list[UploadedFile], cam: bool, preview: bool
+        self, uploads: list[UploadedFile], cam: bool, preview: bool, dicom: bool = False
     ) -> schemas.BatchResponse:
         """Each file on its own: a bad one gets its error, the others their results."""
         items = []
         for index, upload in enumerate(uploads):
             item = schemas.BatchItem(index=index, filename=upload.filename, status=200)
             try:
-                item.result = self.engine.analyse(upload, cam, preview)
+                item.result = self.engine.analyse(upload, cam, preview, dicom)
             except Exception as exc:
                 item.status, item.error = error_of(exc)
             self.record(upload, item.result, item.error)

@@ -26,6 +26,10 @@ Cam = Annotated[bool, Query(description="also return the Grad-CAM heat map over 
 Preview = Annotated[
     bool, Query(description="also return the radiograph as decoded (browsers cannot show DICOM)")
 ]
+Dicom = Annotated[
+    bool,
+    Query(description="also return the result as DICOM SR and Secondary Capture (base64 files)"),
+]
 
 
 def _flag(form: Form, name: str, query: bool) -> bool:
@@ -62,12 +66,14 @@ async def predict(
     wait: WaitDep,
     cam: Cam = False,
     preview: Preview = False,
+    dicom: Dicom = False,
 ) -> schemas.Prediction:
     """Probability of COVID-19 for one radiograph (PNG, JPEG or DICOM) in field `file`."""
     async with pool.admit(wait):
         form = await read_form(request, _limits(settings, batch=False), FLAG_FIELDS)
         cam, preview = _flag(form, "cam", cam), _flag(form, "preview", preview)
-        return await pool.run(trail.predict, form.files[0], cam, preview)
+        dicom = _flag(form, "dicom", dicom)
+        return await pool.run(trail.predict, form.files[0], cam, preview, dicom)
 
 
 @router.post(
@@ -84,10 +90,14 @@ async def predict_batch(
     wait: WaitDep,
     cam: Cam = False,
     preview: Preview = False,
+    dicom: Dicom = False,
 ) -> schemas.BatchResponse:
     """Several radiographs (fields `files`, at most max_batch_files): one result or one
     error per file, in upload order; a bad file never fails the others."""
     async with pool.admit(wait):
         form = await read_form(request, _limits(settings, batch=True), FLAG_FIELDS)
         cam, preview = _flag(form, "cam", cam), _flag(form, "preview", preview)
-        return await pool.run(trail.predict_batch, form.files, cam, preview, files=len(form.files))
+        dicom = _flag(form, "dicom", dicom)
+        return await pool.run(
+            trail.predict_batch, form.files, cam, preview, dicom, files=len(form.files)
+        )
