@@ -48,5 +48,13 @@ format: setup
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-test: setup chromium strace postgresql lint
+# The PACS round-trip tests start a real Orthanc with its DICOMweb plugin.
+.PHONY: orthanc
+orthanc:
+	@command -v Orthanc >/dev/null 2>&1 && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null) \
+	  || echo "Orthanc not installed: PACS tests will skip"; }
+
+test: setup chromium strace orthanc postgresql lint
 	$(BIN)/pytest -q; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 0; exit $$status

@@ -8,6 +8,7 @@ comparisons between runtimes mean something; seed-cnn is random at 96 px.
 
 from __future__ import annotations
 
+import csv
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from covid_cxr.inference.onnx_export import export_onnx
 from covid_cxr.models import create
 from covid_cxr.models.checkpoint import ModelInfo, save_checkpoint
 
+FRONTAL = ("PA", "AP", "AP Supine")
 SIZES = {"efficientnet-lite0": 128, "seed-cnn": 96}
 
 
@@ -59,12 +61,16 @@ def real_radiographs(datasets: Path) -> dict[str, list[Path]]:
     """A few real files per format: Hannover COVID-19 PNGs (448 px), NIH normals (PNG),
     Cohen COVID-19 JPEGs (up to 640 px) and Kaggle normal JPEGs.
 
-    JPEGs are chosen by content: some Cohen `.jpg` files are PNGs.
+    JPEGs are chosen by content: some Cohen `.jpg` files are PNGs. Cohen images are frontal
+    views only (metadata `view`): the input gate refuses lateral views.
     """
     hannover = sorted((datasets / "covid-19-image-repository" / "png").glob("*.png"))
     nih = sorted((datasets / "nih-chestxray8-subset" / "No_Finding").glob("*.png"))
-    cohen = sorted((datasets / "covid-chestxray-dataset" / "images").glob("*.jp*g"))
-    cohen = [p for p in cohen if p.read_bytes()[:2] == b"\xff\xd8"]
+    cohen_dir = datasets / "covid-chestxray-dataset"
+    with (cohen_dir / "metadata.csv").open(newline="") as stream:
+        frontal = {r["filename"] for r in csv.DictReader(stream) if r["view"] in FRONTAL}
+    cohen = sorted((cohen_dir / "images").glob("*.jp*g"))
+    cohen = [p for p in cohen if p.name in frontal and p.read_bytes()[:2] == b"\xff\xd8"]
     kaggle = sorted((datasets / "kaggle-normal-196").rglob("*.jp*g"))
     return {"png": hannover[:6] + nih[:6], "jpeg": cohen[:6] + kaggle[:6]}
 

@@ -108,6 +108,22 @@ def test_predict_records_one_event_per_input_and_nothing_identifying(
     assert "Quixote" not in dump and "alonso" not in dump.lower() and "notes" not in dump
 
 
+def test_an_input_the_gate_refuses_is_recorded_as_refused(
+    scans: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real radiograph in a DICOM that says it is a lateral view: the gate refuses it."""
+    pixels = np.asarray(Image.open(next(scans.glob("*.png"))).convert("L"))
+    lateral = tmp_path / "lateral.dcm"
+    lateral.write_bytes(make_dicom(pixels, ViewPosition="LL", PatientName=PATIENT_NAME))
+    db = tmp_path / "audit.db"
+    assert main(["predict", str(lateral), "--format", "csv", "--audit-db", str(db)]) == 1
+    assert "out of scope" in capsys.readouterr().err
+    with open_store(str(db), create=False) as store:
+        (event,) = store.events()
+    assert (event.outcome, event.reason, event.input_format) == ("refused", "out_of_scope", "DICOM")
+    assert event.input_sha256 == sha256_of(lateral) and event.probability is None
+
+
 def test_a_named_pipe_is_recorded_without_blocking(
     scans: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -57,7 +57,7 @@ def test_probability_equals_the_pipeline_by_hand_for_png_jpeg_and_dicom(
         assert result.label == ("COVID-19" if result.probability >= 0.5 else "non-COVID")
         assert result.positive == (result.label == "COVID-19")
         assert (result.threshold, result.model_version) == (0.5, "test-efficientnet-lite0")
-        assert set(result.timings_ms) == {"read", "preprocess", "model", "cam", "total"}
+        assert set(result.timings_ms) == {"read", "gate", "preprocess", "model", "cam", "total"}
         parts = sum(v for k, v in result.timings_ms.items() if k != "total")
         assert result.timings_ms["total"] == pytest.approx(parts)
         assert result.cam is None

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import require
 from imaging_helpers import make_dicom
@@ -105,12 +106,17 @@ def stalled_upload(server: Server) -> socket.socket:
     return sock
 
 
-def test_uploads_never_touch_the_disk_nor_the_log(server: Server, client: httpx.Client) -> None:
-    # Noise does not compress: a PNG well above Starlette's 1 MiB spool-to-disk threshold.
-    noise = np.random.default_rng(0).integers(0, 256, (1400, 1400), dtype=np.uint8)
-    large = png_bytes(noise)
+def test_uploads_never_touch_the_disk_nor_the_log(
+    server: Server, client: httpx.Client, datasets: Path
+) -> None:
+    # A real radiograph enlarged, with noise that does not compress: a PNG well above
+    # Starlette's 1 MiB spool-to-disk threshold that the input gate still accepts.
+    chest = Image.open(real_png(datasets)).convert("L").resize((1400, 1400))
+    noise = np.random.default_rng(0).integers(-48, 49, (1400, 1400))
+    noisy = np.clip(np.asarray(chest, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    large = png_bytes(noisy)
     assert 1.5 * 2**20 < len(large) < MAX_UPLOAD_MB * 2**20
-    dicom = make_dicom(noise[:512, :512], PatientName=PATIENT_NAME, PatientID=PATIENT_ID)
+    dicom = make_dicom(noisy[::2, ::2], PatientName=PATIENT_NAME, PatientID=PATIENT_ID)
     since = time.time()
     assert client.post(PREDICT, files=upload(large, "large.png")).status_code == 200
     assert client.post(PREDICT, files=upload(dicom, "patient.dcm")).status_code == 200

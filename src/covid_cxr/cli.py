@@ -20,6 +20,8 @@ STAGES = (
     "covid_cxr.evaluation.cli",
     "covid_cxr.inference.cli",
     "covid_cxr.service.cli",
+    "covid_cxr.adaptation.cli",
+    "covid_cxr.pacs.cli",
     "covid_cxr.audit.cli",
 )
 

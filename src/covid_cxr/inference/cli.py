@@ -24,7 +24,13 @@ if TYPE_CHECKING:
 MAX_FILE_MB = 64.0
 DEFAULT_MAX_PIXELS = ServiceSettings.max_pixels
 
+OUT_OF_SCOPE = "out of scope"
+
 PREDICT_EPILOG = f"""\
+input gate: an image that is not a frontal chest radiograph (by its DICOM header or its
+pixels) gets no probability but a row with error "out of scope: ..." and counts as failed.
+--no-gate (or COVID_CXR_GATE=off) bypasses it, for research only.
+
 output: without --output, rows stream to stdout as they are predicted. With --output FILE,
 rows stream to .FILE.partial beside it (follow it with `tail -f`) and FILE is replaced only
 when the run completes: an interrupted or killed run never truncates an earlier FILE. Rerun
@@ -150,6 +156,11 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
         help=f"refuse images whose header claims more (default {DEFAULT_MAX_PIXELS:,}, as "
         "`covid-cxr serve`)",
     )
+    parser.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="research only: score every image, even ones the input gate would refuse",
+    )
     add_audit_options(parser)
     parser.set_defaults(func=run_predict)
 
@@ -224,13 +235,19 @@ class _Tally:
     predicted: int = 0
     failed: int = 0
     resumed: int = 0
+    out_of_scope: int = 0
 
 
 def _predictor(args: argparse.Namespace) -> Predictor:
     from covid_cxr.errors import ModelError
     from covid_cxr.inference.predictor import Predictor
 
-    predictor = Predictor(args.model, threads=args.threads, operating_point=args.operating_point)
+    predictor = Predictor(
+        args.model,
+        threads=args.threads,
+        operating_point=args.operating_point,
+        gate=False if args.no_gate else None,
+    )
     if (args.cam or args.dicom_out) and not predictor.cam_available:
         raise ModelError(predictor.runtime.cam_unavailable or "Grad-CAM unavailable")
     return predictor
@@ -313,8 +330,11 @@ def _predict_rows(
         if isinstance(result, Failure):
             bar.write(f"covid-cxr predict: {path}: {result.reason}", file=sys.stderr)
             tally.failed += 1
+            tally.out_of_scope += result.reason.startswith(OUT_OF_SCOPE)
         else:
             tally.predicted += 1
+            for warning in result.warnings:
+                bar.write(f"covid-cxr predict: {path}: warning: {warning}", file=sys.stderr)
             cam_path = _save_cam(args, predictor, path, result, used_names)
             if args.dicom_out is not None and not _dicom_results(
                 args.dicom_out, predictor, path, result, used_dicom, bar
@@ -336,6 +356,8 @@ def _rows_to(args: argparse.Namespace, fmt: Format, kept: list[dict]) -> Abstrac
 
 def _summary(tally: _Tally, inputs: Inputs, elapsed: float) -> str:
     summary = f"{tally.predicted} predicted, {tally.failed} failed"
+    if tally.out_of_scope:
+        summary += f" ({tally.out_of_scope} out of scope: not frontal chest radiographs)"
     if tally.resumed:
         summary += f", {tally.resumed} kept from the earlier output (--resume)"
     if inputs.skipped:

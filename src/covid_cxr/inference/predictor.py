@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from covid_cxr.errors import ModelError
+from covid_cxr.gate import GateResult, InputGate, gate_enabled
 from covid_cxr.imaging import Radiograph, preprocess, read_radiograph
 from covid_cxr.inference.runtime import Runtime, elapsed_ms, open_runtime, sigmoid
 from covid_cxr.models.info import ModelInfo
@@ -32,7 +33,7 @@ Source = str | Path | bytes | Radiograph
 class Prediction:
     """One radiograph's result.
 
-    `timings_ms` has read, preprocess, model, cam and total. In a batch, model and cam are the
+    `timings_ms` has read, gate, preprocess, model, cam and total. In a batch, model and cam are the
     batch's time shared equally among its images. PyTorch Grad-CAM gets the logits from its own
     forward + backward pass, so there all of it counts as cam and model is 0.
     """
@@ -46,6 +47,10 @@ class Prediction:
     timings_ms: dict[str, float]
     radiograph: Radiograph = field(repr=False)
     cam: np.ndarray | None = field(default=None, repr=False)
+    # Notes to show beside the result (e.g. an age the model never saw); never refusals.
+    warnings: tuple[str, ...] = ()
+    # The input gate's P(frontal chest radiograph); None when the gate is off.
+    gate_score: float | None = None
 
 
 @dataclass
@@ -56,6 +61,7 @@ class PreparedImage:
     input: np.ndarray  # (S, S) float32, the output of `preprocess`
     read_ms: float
     preprocess_ms: float
+    gate: GateResult | None = None
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -99,6 +105,9 @@ class Predictor:
         batch 1 here, and it leaves the other core to concurrent requests). PyTorch: sets the
         process-wide torch thread count; None leaves it alone.
     operating_point: a name in the model's thresholds (e.g. "youden") instead of its default.
+    gate: refuse images that are not frontal chest radiographs (OutOfScopeError) before the
+        model sees them. None means on unless $COVID_CXR_GATE=off; False bypasses the check,
+        for research only (the model then scores whatever it is given).
     """
 
     def __init__(
@@ -107,6 +116,7 @@ class Predictor:
         *,
         threads: int | None = None,
         operating_point: str | None = None,
+        gate: bool | None = None,
     ) -> None:
         if threads is not None and threads < 1:
             raise ModelError(f"threads must be at least 1, got {threads}")
@@ -121,6 +131,7 @@ class Predictor:
             )
         self.operating_point = point
         self.threshold = float(self.info.thresholds[point])
+        self.gate: InputGate | None = InputGate() if gate_enabled(gate) else None
 
     @property
     def version(self) -> str:
@@ -133,18 +144,23 @@ class Predictor:
     def __repr__(self) -> str:
         return (
             f"Predictor({str(self.path)!r}, {self.runtime.kind}, {self.info.name} "
-            f"version {self.version}, threshold={self.threshold:g} [{self.operating_point}])"
+            f"version {self.version}, threshold={self.threshold:g} [{self.operating_point}], "
+            f"gate {'on' if self.gate else 'OFF'})"
         )
 
     def prepare(self, source: Source, *, name: str | None = None) -> PreparedImage:
-        """Read (unless given a Radiograph) and preprocess exactly as in training."""
+        """Read (unless given a Radiograph), pass the input gate, preprocess as in training.
+
+        Raises OutOfScopeError (a RadiographError) for what the model cannot judge.
+        """
         start = time.perf_counter()
         given = isinstance(source, Radiograph)
         radiograph = source if given else read_radiograph(source, name=name)
         read_ms = 0.0 if given else elapsed_ms(start)
+        gate = self.gate.check(radiograph) if self.gate is not None else None
         start = time.perf_counter()
         pixels = preprocess(radiograph.pixels, self.info.preprocess)
-        return PreparedImage(radiograph, pixels, read_ms, elapsed_ms(start))
+        return PreparedImage(radiograph, pixels, read_ms, elapsed_ms(start), gate)
 
     def predict(self, source: Source, *, name: str | None = None, cam: bool = False) -> Prediction:
         """Probability of COVID-19 for one radiograph (path, bytes or Radiograph)."""
@@ -187,6 +203,7 @@ class Predictor:
             positive = bool(probability >= self.threshold)
             timings = {
                 "read": item.read_ms,
+                "gate": item.gate.ms if item.gate else 0.0,
                 "preprocess": item.preprocess_ms,
                 "model": model_ms,
                 "cam": cam_ms,
@@ -203,6 +220,8 @@ class Predictor:
                     timings_ms=timings,
                     radiograph=item.radiograph,
                     cam=None if maps is None else maps[i],
+                    warnings=item.gate.warnings if item.gate else (),
+                    gate_score=item.gate.score if item.gate else None,
                 )
             )
         return results

@@ -92,7 +92,10 @@ class Engine:
         from covid_cxr.inference.predictor import Predictor
 
         predictor = Predictor(
-            settings.model, threads=settings.threads, operating_point=settings.operating_point
+            settings.model,
+            threads=settings.threads,
+            operating_point=settings.operating_point,
+            gate=settings.gate,
         )
         return cls(predictor, settings)
 
@@ -159,6 +162,7 @@ class Engine:
             width=radiograph.width,
             height=radiograph.height,
             timings_ms={k: round(v, 2) for k, v in timings.items()},
+            warnings=list(result.warnings),
             cam=cam_png,
             preview=preview_png,
             dicom=dicom_results,

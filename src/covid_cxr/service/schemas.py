@@ -51,6 +51,10 @@ class Prediction(BaseModel):
     width: int
     height: int
     timings_ms: dict[str, float]
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="notes on the result, e.g. a patient age outside the ages seen in training",
+    )
     cam: ImagePNG | None = Field(
         None, description="Grad-CAM heat map blended onto the radiograph (when cam=true)"
     )

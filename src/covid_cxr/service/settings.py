@@ -48,6 +48,11 @@ class ServiceSettings:
     operating_point: str | None = _opt(
         None, "named threshold of the model (default: the model's own)"
     )
+    gate: bool = _opt(
+        True,
+        "refuse images that are not frontal chest radiographs (default on; --no-gate or "
+        "COVID_CXR_GATE=off bypasses the input gate, for research only)",
+    )
     threads: int | None = _opt(1, "runtime threads per prediction (default 1)")
     inference_workers: int = _opt(2, "predictions at once per process (default 2)")
     queue_size: int = _opt(64, "most predictions waiting before 503 (default 64)")
