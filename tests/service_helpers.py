@@ -129,7 +129,8 @@ TEST_SETTINGS = {
 
 
 def make_app(engine: object | None, **settings: object) -> FastAPI:
-    """The app with the test settings (plus `settings`), serving `engine` (None: not loaded)."""
+    """The app with the test settings (plus `settings`), serving `engine` through the engine
+    dependency (None: the model is not loaded; the lifespan, which loads it, does not run)."""
     app = create_app(ServiceSettings(**{**TEST_SETTINGS, **settings}))
     if engine is not None:
         app.dependency_overrides[get_engine] = lambda: engine

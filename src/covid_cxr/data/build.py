@@ -24,7 +24,7 @@ from covid_cxr.config import DataRecipe, SourceSpec
 from covid_cxr.data.dedup import UnionFind, near_pairs
 from covid_cxr.data.fingerprint import Fingerprint, fingerprint
 from covid_cxr.data.labels import COVID, normalise_label
-from covid_cxr.data.manifest import SPLITS, UNSPLIT, ManifestRow, absolute, portable
+from covid_cxr.data.manifest import EXTERNAL, SPLITS, ManifestRow, absolute, portable
 from covid_cxr.data.sources import (
     BALANCING,
     DUPLICATE,
@@ -381,7 +381,7 @@ def _split(
         if group not in held_out:
             members[group].append(candidate)
         elif recipe.sources[candidate.spec].holdout:
-            splits[id(candidate)] = UNSPLIT
+            splits[id(candidate)] = EXTERNAL
         else:
             reason = "same patient or image as a held-out source's image"
             excluded.append(Exclusion(record.source, show(record.path), HOLDOUT_OVERLAP, reason))

@@ -86,8 +86,8 @@ def recipe_from_args(args: argparse.Namespace) -> DataRecipe:
 
 def run(args: argparse.Namespace) -> int:
     from covid_cxr.data.build import build_dataset
-    from covid_cxr.data.export import export_folders
     from covid_cxr.data.fingerprint import CACHE_NAME
+    from covid_cxr.data.keras_folders import export_folders
     from covid_cxr.data.report import print_summary, write_outputs
     from covid_cxr.paths import data_root
 

@@ -27,8 +27,9 @@ from covid_cxr.errors import DataError
 from covid_cxr.paths import data_root
 
 COLUMNS = ("path", "label", "source", "patient_id", "view", "sha256", "split")
-SPLITS = ("train", "val", "test", "external")
-UNSPLIT = "external"  # the split of images loaded from a user's own labelled data
+# Images no model trains on: sources a recipe holds out, and a user's own labelled data.
+EXTERNAL = "external"
+SPLITS = ("train", "val", "test", EXTERNAL)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def load_labelled(path: str | Path) -> LabelledRows:
                 record.patient_id,
                 record.view,
                 file_sha256(record.path),
-                UNSPLIT,
+                EXTERNAL,
             )
             for record in result.records
         ),

@@ -1,6 +1,9 @@
 """What the routes depend on, as FastAPI dependencies: the settings, the engine, the pool, the
 audit recorder and the request's context. Tests swap any of them with
 `app.dependency_overrides[get_engine] = ...`; the service keeps them in `ServiceState`.
+
+They are `async def` although none awaits: FastAPI runs a plain `def` dependency in a worker
+thread, a thread hand-off per dependency per request for what is an attribute lookup.
 """
 
 from __future__ import annotations
@@ -39,18 +42,18 @@ def make_recorder(settings: ServiceSettings) -> Recorder:
     return recorder_for(settings.audit_db)
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_settings(state: StateDep) -> ServiceSettings:
+async def get_settings(state: StateDep) -> ServiceSettings:
     return state.settings
 
 
-def get_engine(state: StateDep) -> Analyser:
+async def get_engine(state: StateDep) -> Analyser:
     """The loaded model, or 503 while it loads (or after it failed to)."""
     if state.engine is None:
         message = (
@@ -62,11 +65,11 @@ def get_engine(state: StateDep) -> Analyser:
     return state.engine
 
 
-def get_pool(state: StateDep) -> InferencePool:
+async def get_pool(state: StateDep) -> InferencePool:
     return state.pool
 
 
-def get_recorder(state: StateDep) -> Recorder:
+async def get_recorder(state: StateDep) -> Recorder:
     return state.recorder
 
 
@@ -76,7 +79,7 @@ PoolDep = Annotated[InferencePool, Depends(get_pool)]
 RecorderDep = Annotated[Recorder, Depends(get_recorder)]
 
 
-def get_context(request: Request, settings: SettingsDep) -> RequestContext:
+async def get_context(request: Request, settings: SettingsDep) -> RequestContext:
     """The request's id (set by the RequestId middleware) and its API key's id."""
     key = request.headers.get("x-api-key") if settings.api_key else None
     return RequestContext(
@@ -89,11 +92,11 @@ def get_context(request: Request, settings: SettingsDep) -> RequestContext:
 ContextDep = Annotated[RequestContext, Depends(get_context)]
 
 
-def get_trail(engine: EngineDep, recorder: RecorderDep, context: ContextDep) -> Trail:
+async def get_trail(engine: EngineDep, recorder: RecorderDep, context: ContextDep) -> Trail:
     return Trail(engine, recorder, context)
 
 
-def client_wait(
+async def client_wait(
     request: Request,
     settings: SettingsDep,
     wait: Annotated[
