@@ -7,6 +7,7 @@ because a CI run that silently skipped the real-data tests would prove nothing.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,14 @@ def datasets() -> Path:
         f"real datasets not found at {root}; set COVID_CXR_DATA to the shared datasets folder",
     )
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every `covid-cxr predict`/`serve` a test runs records its audit trail under a temporary
+    state folder (the default trail), never in the user's own ~/.local/state."""
+    home = tmp_path_factory.mktemp("state-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_STATE_HOME", str(home))
+        patch.delenv("COVID_CXR_AUDIT_DB", raising=False)
+        yield home

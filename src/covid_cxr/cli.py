@@ -23,6 +23,7 @@ STAGES = (
     "covid_cxr.segmentation.cli",
     "covid_cxr.adaptation.cli",
     "covid_cxr.pacs.cli",
+    "covid_cxr.audit.cli",
 )
 
 # Top-level modules of the `[train]` extra: training, evaluation plots and export need them.

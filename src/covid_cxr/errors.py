@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class CovidCxrError(Exception):
     """Base of every error raised on purpose; the CLI prints these without a traceback."""
@@ -80,3 +82,14 @@ def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, CovidCxrError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def error_code(exc: BaseException) -> str:
+    """A short, stable code for a failure, free of file names and header values
+    (CorruptImageError -> corrupt_image): what the API reports and the audit trail keeps."""
+    if isinstance(exc, OSError) and not isinstance(exc, CovidCxrError):
+        return "unreadable_file"
+    if not isinstance(exc, CovidCxrError):
+        return "internal_error"
+    name = type(exc).__name__.removesuffix("Error")
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()

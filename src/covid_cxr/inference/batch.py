@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from covid_cxr.errors import failure_reason
+from covid_cxr.errors import error_code, failure_reason
 from covid_cxr.imaging.read import Radiograph, read_radiograph
 from covid_cxr.inference.predictor import Prediction, Predictor, PreparedImage
 
@@ -41,6 +41,7 @@ class Failure:
 
     source: str
     reason: str
+    code: str = "unreadable_file"  # errors.error_code of the cause (as UnreadableFileError)
 
 
 @dataclass
@@ -206,7 +207,7 @@ def predict_files(
     good_count = 0
     for path, result in prepared:
         if isinstance(result, BaseException):
-            window.append((path, Failure(str(path), failure_reason(result))))
+            window.append((path, Failure(str(path), failure_reason(result), error_code(result))))
         else:
             window.append((path, result))
             good_count += 1

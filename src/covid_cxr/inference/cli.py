@@ -16,6 +16,7 @@ from covid_cxr.service.settings import ServiceSettings
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from covid_cxr.audit.capture import CliTrail
     from covid_cxr.inference.batch import Failure, Inputs
     from covid_cxr.inference.predictor import Prediction, Predictor
     from covid_cxr.inference.writers import Format, RowWriter
@@ -100,6 +101,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_predict(subparsers: argparse._SubParsersAction) -> None:
+    from covid_cxr.audit.cli import add_audit_options
     from covid_cxr.inference.writers import FORMATS
 
     parser = subparsers.add_parser(
@@ -159,6 +161,7 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="research only: score every image, even ones the input gate would refuse",
     )
+    add_audit_options(parser)
     parser.set_defaults(func=run_predict)
 
 
@@ -273,11 +276,12 @@ def _kept_rows(args: argparse.Namespace, fmt: Format, inputs: Inputs) -> dict[st
     return kept
 
 
-def _write_failures(writer: RowWriter, failures: list[Failure], bar: tqdm) -> int:
+def _write_failures(writer: RowWriter, failures: list[Failure], bar: tqdm, trail: CliTrail) -> int:
     from covid_cxr.inference.writers import record
 
     for failure in failures:
         bar.write(f"covid-cxr predict: {failure.source}: {failure.reason}", file=sys.stderr)
+        trail.record(failure.source, failure)
         writer.write(record(failure.source, failure, None))
     return len(failures)
 
@@ -304,8 +308,9 @@ def _predict_rows(
     writer: RowWriter,
     tally: _Tally,
     bar: tqdm,
+    trail: CliTrail,
 ) -> None:
-    """Predict `files`, writing each row as it comes."""
+    """Predict `files`, recording each in the audit trail and then writing its row."""
     from covid_cxr.inference.batch import Failure, Limits, predict_files
     from covid_cxr.inference.writers import record
 
@@ -335,6 +340,7 @@ def _predict_rows(
                 args.dicom_out, predictor, path, result, used_dicom, bar
             ):
                 tally.failed += 1
+        trail.record(path, result)  # before its row: a reported result is always recorded
         writer.write(record(str(path), result, cam_path))
         bar.update()
 
@@ -363,6 +369,8 @@ def _summary(tally: _Tally, inputs: Inputs, elapsed: float) -> str:
 def run_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from covid_cxr.audit.capture import CliTrail
+    from covid_cxr.audit.cli import audit_url
     from covid_cxr.errors import DataError
     from covid_cxr.inference.batch import gather
     from covid_cxr.inference.writers import partial_path
@@ -373,6 +381,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if not inputs.files and not inputs.failures:
         raise DataError(f"no radiographs found in {' '.join(args.paths)}")
     kept = _kept_rows(args, fmt, inputs)
+    trail = CliTrail(audit_url(args), predictor)
     todo = [path for path in inputs.files if str(path) not in kept]
     if args.cam:
         args.cam.mkdir(parents=True, exist_ok=True)
@@ -387,8 +396,8 @@ def run_predict(args: argparse.Namespace) -> int:
         with _rows_to(args, fmt, list(kept.values())) as writer:
             notice = writer.stream if fmt == "table" else sys.stderr
             print(f"{RESEARCH_NOTICE}\nmodel: {predictor!r}", file=notice)
-            tally.failed += _write_failures(writer, inputs.failures, bar)
-            _predict_rows(args, predictor, todo, writer, tally, bar)
+            tally.failed += _write_failures(writer, inputs.failures, bar, trail)
+            _predict_rows(args, predictor, todo, writer, tally, bar, trail)
     except KeyboardInterrupt:
         if args.output is not None:
             partial = partial_path(args.output)
@@ -400,6 +409,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise
     finally:
         bar.close()
+        trail.close()
     print(_summary(tally, inputs, time.perf_counter() - start), file=sys.stderr)
     if fmt != "table" or args.output:
         print(RESEARCH_NOTICE, file=sys.stderr)

@@ -45,6 +45,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     loading.add_done_callback(lambda future: _loaded(state, future))
     yield
     state.pool.shutdown()
+    state.recorder.close()
 
 
 def _loaded(state: ServiceState, future: asyncio.Future) -> None:

@@ -63,12 +63,14 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from covid_cxr.audit.store import describe, recorder_for
     from covid_cxr.inference.predictor import resolve_model_path
     from covid_cxr.service.connections import uvicorn_options
 
     settings = settings_from_args(args)
     # Fail here, with the reason, rather than in a worker process after start-up.
     model = resolve_model_path(settings.model)
+    recorder_for(settings.audit_db).close()  # the audit trail must be writable too
     if settings.host not in LOOPBACK and settings.api_key is None:
         print(
             f"warning: listening on {settings.host} without an API key; anyone who can reach "
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     scheme = "https" if settings.ssl_certfile else "http"
     print(
         f"covid-cxr: serving {model.name} on {scheme}://{settings.host}:{settings.port}/ "
-        f"(API docs at /docs). {RESEARCH_NOTICE}",
+        f"(API docs at /docs; audit trail: {describe(settings.audit_db)}). {RESEARCH_NOTICE}",
         file=sys.stderr,
     )
     uvicorn.run("covid_cxr.service.app:app_from_env", factory=True, **uvicorn_options(settings))

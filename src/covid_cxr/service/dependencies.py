@@ -15,7 +15,8 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
-from covid_cxr.audit.events import NullRecorder, Recorder
+from covid_cxr.audit.events import Recorder
+from covid_cxr.audit.store import recorder_for
 from covid_cxr.service.engine import Engine
 from covid_cxr.service.pool import InferencePool
 from covid_cxr.service.responses import ApiError
@@ -37,8 +38,8 @@ class ServiceState:
 
 
 def make_recorder(settings: ServiceSettings) -> Recorder:
-    """The audit trail's store for these settings (the seam for a durable recorder)."""
-    return NullRecorder()
+    """The audit trail's store for these settings: `audit_db`, else the default SQLite file."""
+    return recorder_for(settings.audit_db)
 
 
 async def get_state(request: Request) -> ServiceState:

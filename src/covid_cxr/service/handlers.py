@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from covid_cxr.audit.store import AuditError
 from covid_cxr.errors import RadiographError
 from covid_cxr.service.responses import ApiError, error_response, radiograph_error
 from covid_cxr.service.schemas import ErrorBody
+
+log = logging.getLogger("covid_cxr.service")
 
 HTTP_CODES = {
     400: "bad_request",
@@ -26,6 +31,17 @@ async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
 
 async def bad_radiograph(_request: Request, exc: RadiographError) -> JSONResponse:
     return error_response(*radiograph_error(exc))
+
+
+async def audit_unavailable(_request: Request, exc: AuditError) -> JSONResponse:
+    """A prediction that could not be recorded is not returned."""
+    log.error("audit trail unavailable: %s", exc)
+    body = ErrorBody(
+        code="audit_unavailable",
+        message="the prediction could not be recorded in the audit trail, so it is withheld",
+        hint="retry shortly; the server's log names the cause",
+    )
+    return error_response(503, body, {"Retry-After": "5"})
 
 
 async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -45,5 +61,6 @@ async def invalid_request(_request: Request, exc: RequestValidationError) -> JSO
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RadiographError, bad_radiograph)
+    app.add_exception_handler(AuditError, audit_unavailable)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)

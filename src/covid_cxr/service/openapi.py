@@ -38,7 +38,8 @@ never by the file name or declared type. Uploads stay in memory and are never st
 * Errors are `{{"error": {{"code", "message", "hint"}}}}`: 400 malformed request or unknown
   Host, 401 API key, 408 upload too slow, 413 too many bytes, 415 not a PNG/JPEG/DICOM, 422
   such a file but unusable (empty, corrupt, no pixels, too many pixels, too small), 429 too
-  many wrong API keys, 503 not ready or busy.
+  many wrong API keys, 503 not ready, busy, or the audit trail cannot record (no result
+  leaves unrecorded).
 """
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -51,7 +52,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         415: "not a PNG, JPEG or DICOM file (judged by content), or not multipart/form-data",
         422: "a PNG, JPEG or DICOM that cannot be used (empty, corrupt, no pixels, too large)",
         429: "too many wrong API keys from this address (retry after the Retry-After seconds)",
-        503: "model not loaded yet, or too busy (retry after the Retry-After seconds)",
+        503: "model not loaded yet, too busy, or the audit trail cannot record "
+        "(retry after the Retry-After seconds)",
     }.items()
 }
 

@@ -9,16 +9,15 @@ Status codes, chosen once for the whole API:
       or the request is not multipart/form-data
   422 it is such a file but unusable: empty, truncated or corrupt, no pixel data, an
       unsupported variant, too many pixels (decompression-bomb guard) or too small
-  503 the model is not loaded yet, or too many predictions are waiting (retry later)
+  503 the model is not loaded yet, too many predictions are waiting (retry later), or the
+      prediction could not be recorded in the audit trail (`audit_unavailable`)
 """
 
 from __future__ import annotations
 
-import re
-
 from fastapi.responses import JSONResponse
 
-from covid_cxr.errors import NotAnImageError, RadiographError
+from covid_cxr.errors import NotAnImageError, RadiographError, error_code
 from covid_cxr.service.schemas import ErrorBody, ErrorResponse
 
 
@@ -45,14 +44,8 @@ def error_response(
     return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=status, headers=headers)
 
 
-def _snake(name: str) -> str:
-    """CorruptImageError -> corrupt_image."""
-    name = name.removesuffix("Error")
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
 def radiograph_error(exc: RadiographError) -> tuple[int, ErrorBody]:
     """The status and body for a file that could not be read as a radiograph."""
     status = 415 if isinstance(exc, NotAnImageError) else 422
     message = f"{exc.source}: {exc.reason}" if exc.source else exc.reason
-    return status, ErrorBody(code=_snake(type(exc).__name__), message=message, hint=exc.hint)
+    return status, ErrorBody(code=error_code(exc), message=message, hint=exc.hint)

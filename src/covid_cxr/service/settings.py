@@ -20,7 +20,7 @@ from covid_cxr.errors import ConfigError
 ENV_PREFIX = "COVID_CXR_"
 MIB = 1024 * 1024
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-SECRETS = ("api_key",)
+SECRETS = ("api_key", "audit_db")  # a database URL may hold a password
 
 
 def _opt(default: Any, help: str, *, flag: str | None = None, **argparse: Any) -> Any:
@@ -105,6 +105,13 @@ class ServiceSettings:
     max_header_kb: int = _opt(64, "largest request head, in KiB (default 64)")
     ssl_certfile: str | None = _opt(None, "serve HTTPS with this PEM certificate", metavar="PATH")
     ssl_keyfile: str | None = _opt(None, "private key of --ssl-certfile", metavar="PATH")
+    audit_db: str | None = _opt(
+        None,
+        "record every prediction here: sqlite:///PATH, postgresql://..., or off (default: "
+        "$XDG_STATE_HOME/covid-cxr/audit.db, else ~/.local/state/covid-cxr/audit.db; with a "
+        "password, prefer COVID_CXR_AUDIT_DB)",
+        metavar="URL",
+    )
     access_log: bool = _opt(True, "log each request line")
     log_level: str = _opt("info", "log level (default info)", choices=LOG_LEVELS)
 

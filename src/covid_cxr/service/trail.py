@@ -11,10 +11,9 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Protocol
 
-from covid_cxr.audit.events import PredictionEvent, Recorder
+from covid_cxr.audit.events import PredictionEvent, Recorder, outcome_of, utc_now
 from covid_cxr.errors import RadiographError
 from covid_cxr.service import schemas
 from covid_cxr.service.responses import ApiError, radiograph_error
@@ -23,7 +22,6 @@ from covid_cxr.service.uploads import UploadedFile
 
 log = logging.getLogger("covid_cxr.service")
 
-REFUSAL_CODES = ("out_of_scope",)
 INTERNAL_ERROR = schemas.ErrorBody(code="internal_error", message="the server failed on this file")
 
 
@@ -115,14 +113,14 @@ class Trail:
     ) -> None:
         """One event; an upload over the size limit was never kept, so it has no sha256."""
         code = error.code if error else None
-        outcome = "predicted" if error is None else "refused" if code in REFUSAL_CODES else "failed"
+        outcome = outcome_of(code)
         self.recorder.record(
             PredictionEvent(
-                time=datetime.now(UTC).isoformat(timespec="milliseconds"),
+                time=utc_now(),
                 request_id=self.context.request_id,
                 channel="api",
                 who=self.context.who,
-                input_sha256="" if upload.too_large else hashlib.sha256(upload.data).hexdigest(),
+                input_sha256=None if upload.too_large else hashlib.sha256(upload.data).hexdigest(),
                 input_format=result.format if result else _input_format(upload.data),
                 input_bytes=upload.size,
                 model_name=self.engine.name,
