@@ -5,14 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from covid_cxr.cliargs import positive_int
+
 ADAPT_EXTRA = ("onnx", "threadpoolctl")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,12 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "threshold: keep the base head, set only the site threshold",
     )
     parser.add_argument(
-        "--repeats", type=_positive, default=5, help="cross-validation repeats (default 5)"
+        "--repeats", type=positive_int, default=5, help="cross-validation repeats (default 5)"
     )
-    parser.add_argument("--bootstrap", type=_positive, default=1000, metavar="N")
+    parser.add_argument("--bootstrap", type=positive_int, default=1000, metavar="N")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=_positive, default=2, help="image decoding threads")
-    parser.add_argument("--threads", type=_positive, default=2, help="model threads")
+    parser.add_argument("--workers", type=positive_int, default=2, help="image decoding threads")
+    parser.add_argument("--threads", type=positive_int, default=2, help="model threads")
     parser.set_defaults(func=run)
 
 

@@ -5,21 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from covid_cxr.cliargs import count, fraction
+
 SPLIT_CHOICES = ("train", "val", "test", "external", "all")
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,13 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--target-sensitivity",
-        type=_fraction,
+        type=fraction,
         default=0.95,
         help="sensitivity the 'sensitivity_NN' operating point must reach on validation data",
     )
     parser.add_argument(
         "--bootstrap",
-        type=_count,
+        type=count,
         default=1000,
         metavar="N",
         help="bootstrap resamples (0: no CIs)",
@@ -77,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument(
         "--cam-errors",
-        type=_count,
+        type=count,
         default=12,
         metavar="N",
         help="most confident errors to show with their Grad-CAM maps",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from covid_cxr import RESEARCH_NOTICE
+from covid_cxr.cliargs import positive_int
 from covid_cxr.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -51,13 +52,6 @@ reported on stderr and as a row with an `error` column, and never stops the batc
 """
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_export(subparsers)
     _register_predict(subparsers)
@@ -81,7 +75,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
         "--calibration", type=Path, help="radiographs to calibrate int8 on: folder or manifest"
     )
     parser.add_argument(
-        "--calibration-count", type=_positive, default=200, metavar="N", help="(default 200)"
+        "--calibration-count", type=positive_int, default=200, metavar="N", help="(default 200)"
     )
     parser.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default=DEFAULT_METHOD)
     parser.add_argument(
@@ -96,7 +90,7 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
         help="labelled data (manifest: its val split) to measure what int8 changes",
     )
     parser.add_argument("--fp32-out", type=Path, help="with --int8, also keep the fp32 model here")
-    parser.add_argument("--workers", type=_positive, default=2, help="decoding threads")
+    parser.add_argument("--workers", type=positive_int, default=2, help="decoding threads")
     parser.set_defaults(func=run_export)
 
 
@@ -136,10 +130,10 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
         "(Grad-CAM Secondary Capture), in the input's study (PNG/JPEG inputs: a new study)",
     )
     parser.add_argument(
-        "--batch-size", type=_positive, default=16, help="images per model call (default 16)"
+        "--batch-size", type=positive_int, default=16, help="images per model call (default 16)"
     )
-    parser.add_argument("--workers", type=_positive, default=2, help="decoding threads")
-    parser.add_argument("--threads", type=_positive, help="model threads (ONNX default 1)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="decoding threads")
+    parser.add_argument("--threads", type=positive_int, help="model threads (ONNX default 1)")
     parser.add_argument("--operating-point", help="a named threshold of the model")
     parser.add_argument(
         "--max-file-mb",
@@ -151,7 +145,7 @@ def _register_predict(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--max-pixels",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_MAX_PIXELS,
         help=f"refuse images whose header claims more (default {DEFAULT_MAX_PIXELS:,}, as "
         "`covid-cxr serve`)",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from covid_cxr import RESEARCH_NOTICE
+from covid_cxr.cliargs import positive_int
 
 SEGMENT_EPILOG = f"""\
 writes DIR/<stem>.png per input: 8-bit, 255 = lung, the input's own size (and with --overlay
@@ -19,13 +20,6 @@ reported on stderr with its reason, and never stops the batch); 2 usage error.
 
 {RESEARCH_NOTICE}
 """
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     parser.add_argument("--overlay", action="store_true", help="also write overlay pictures")
     parser.add_argument("--model", type=Path, help="segmenter .onnx (default: the shipped one)")
-    parser.add_argument("--workers", type=_positive, default=2, help="parallel images")
-    parser.add_argument("--threads", type=_positive, help="model threads per image (default 1)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="parallel images")
+    parser.add_argument("--threads", type=positive_int, help="model threads per image (default 1)")
     parser.set_defaults(func=run_segment)
 
     evaluate = subparsers.add_parser(
@@ -56,8 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--data", type=Path, default=Path("data/lungs/manifest.csv"))
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--out", type=Path, required=True, help="report folder")
-    evaluate.add_argument("--resamples", type=_positive, default=2000)
-    evaluate.add_argument("--workers", type=_positive, default=2)
+    evaluate.add_argument("--resamples", type=positive_int, default=2000)
+    evaluate.add_argument("--workers", type=positive_int, default=2)
     evaluate.set_defaults(func=run_evaluate)
 
 

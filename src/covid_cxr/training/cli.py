@@ -9,12 +9,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from covid_cxr.cliargs import positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,9 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", required=True, type=Path, help="configs/train/NAME.toml")
     parser.add_argument("--resume", type=Path, help="continue from a run's last.pt")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<config name>)")
-    parser.add_argument("--epochs", type=_positive, help="override the config's epochs")
+    parser.add_argument("--epochs", type=positive_int, help="override the config's epochs")
     parser.add_argument(
-        "--max-images", type=_positive, help="use at most N images per split (a quick run)"
+        "--max-images", type=positive_int, help="use at most N images per split (a quick run)"
     )
     parser.add_argument("--manifest", type=Path, help="override the config's manifest")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
