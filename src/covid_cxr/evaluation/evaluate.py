@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from covid_cxr import RESEARCH_NOTICE, __version__
 from covid_cxr.data.manifest import ManifestRow, load_labelled, shown_path
 from covid_cxr.errors import CovidCxrError, DataError, ModelError
 from covid_cxr.evaluation import plots
+from covid_cxr.evaluation.attention import summarise
 from covid_cxr.evaluation.bootstrap import CI_LEVEL, cluster_ids
 from covid_cxr.evaluation.calibration import ECE_BINS, reliability
 from covid_cxr.evaluation.metrics import assess
@@ -47,6 +49,9 @@ from covid_cxr.imaging.preprocess import grey_to_uint8
 from covid_cxr.inference.predictor import Predictor
 from covid_cxr.models.info import ModelInfo
 
+if TYPE_CHECKING:
+    from covid_cxr.segmentation import LungSegmenter
+
 ALL = "all"
 
 
@@ -66,6 +71,7 @@ class EvaluateOptions:
     workers: int = 2
     batch_size: int = 32
     threads: int | None = None
+    cam_in_lungs: bool = True  # measure where Grad-CAM lies with the shipped lung segmenter
 
 
 def select_split(rows: Sequence[ManifestRow], split: str | None) -> tuple[list[ManifestRow], str]:
@@ -275,8 +281,14 @@ def evaluate(options: EvaluateOptions) -> EvaluationResult:
             "--threshold-from LABELLED_DATA"
         )
 
+    lungs, lungs_note = _lung_segmenter(predictor, o.cam_in_lungs)
     scored = score_rows(
-        predictor, rows, desc="evaluating", workers=o.workers, batch_size=o.batch_size
+        predictor,
+        rows,
+        desc="evaluating",
+        workers=o.workers,
+        batch_size=o.batch_size,
+        lungs=lungs,
     )
     if not scored.rows:
         reasons = Counter(f.reason for f in scored.unreadable).most_common(3)
@@ -310,6 +322,28 @@ def evaluate(options: EvaluateOptions) -> EvaluationResult:
         errors=[_error_case(scored.rows[i], float(p[i])) for i in indices],
         errors_note=errors_note,
         figures=figures,
+        cam_in_lungs=summarise(scored.cam_in_lungs, scored.rows, o.resamples, o.seed)
+        if lungs is not None
+        else {},
+        cam_in_lungs_note=lungs_note,
+    )
+
+
+def _lung_segmenter(predictor: Predictor, wanted: bool) -> tuple[LungSegmenter | None, str]:
+    """The shipped segmenter when Grad-CAM's share inside the lungs can be measured."""
+    if not wanted:
+        return None, "not measured (--no-cam-in-lungs)"
+    if not predictor.cam_available:
+        return None, f"not measured: {predictor.runtime.cam_unavailable}"
+    from covid_cxr.segmentation import LungSegmenter
+
+    try:
+        lungs = LungSegmenter()
+    except ModelError as exc:
+        return None, f"not measured: no lung segmenter ({exc})"
+    return lungs, (
+        f"Share of each image's Grad-CAM mass inside its lung mask ({lungs.info.version}, "
+        "the shipped lung segmenter); mean per source with 95% CIs resampling patients."
     )
 
 

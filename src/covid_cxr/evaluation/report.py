@@ -67,6 +67,7 @@ def build(result: EvaluationResult, out: Path) -> Document:
     _operating_points_section(doc, result)
     figures = {name: out / file for name, file in result.figures.items()}
     _results_section(doc, result, figures)
+    _attention_section(doc, result)
     _errors_section(doc, result, figures)
     _unusable_section(doc, data)
     _method_section(doc, result)
@@ -160,6 +161,16 @@ def _results_section(doc: Document, result: EvaluationResult, figures: dict[str,
             f"non-COVID, {subset.n_clusters} patients)."
         )
         _tables(doc, subset)
+
+
+def _attention_section(doc: Document, result: EvaluationResult) -> None:
+    doc.heading("Where the model looks: Grad-CAM mass inside the lungs")
+    doc.paragraph(result.cam_in_lungs_note)
+    if result.cam_in_lungs:
+        doc.table(
+            ["images", "share inside the lungs (95% CI)"],
+            [[name, str(share)] for name, share in result.cam_in_lungs.items()],
+        )
 
 
 def _errors_section(doc: Document, result: EvaluationResult, figures: dict[str, Path]) -> None:

@@ -197,6 +197,9 @@ class EvaluationResult:
     errors_note: str
     figures: dict[str, str]
     stored: StoredThresholds | None = None
+    # Mean share of Grad-CAM mass inside the lung mask: "all" and per source.
+    cam_in_lungs: dict[str, Estimate] = field(default_factory=dict)
+    cam_in_lungs_note: str = ""
 
     @property
     def at_primary(self) -> AtThreshold:
