@@ -1,9 +1,9 @@
 """Where the model looks: the share of its Grad-CAM mass that falls inside the lungs.
 
 A number for "does it look at the lungs, or at markers, borders, the shoulders and age?". The
-map covers the model's crop of the radiograph; it is resized to that box, the rest of the
-radiograph gets no mass, and the lung mask comes from the shipped lung segmenter at the
-radiograph's own size. A map with no positive evidence anywhere has no share (NaN).
+map covers the model's box on the radiograph (central or lung crop); it is resized to that
+box, the rest of the radiograph gets no mass, and the lung mask comes from the shipped lung
+segmenter at the radiograph's own size. A map with no positive evidence anywhere has no share (NaN).
 """
 
 from __future__ import annotations
@@ -16,15 +16,18 @@ from PIL import Image
 from covid_cxr.data.manifest import ManifestRow
 from covid_cxr.evaluation.bootstrap import cluster_ids, percentile_ci, resample_weights
 from covid_cxr.evaluation.result import Estimate
-from covid_cxr.imaging.preprocess import crop_box
+from covid_cxr.imaging.preprocess import Box, crop_box
 
 ALL = "all"
 
 
-def cam_share_in_lungs(cam: np.ndarray, lungs: np.ndarray, crop: float) -> float:
-    """Fraction of the map's mass on lung pixels; `lungs` is the radiograph-sized mask."""
-    height, width = lungs.shape
-    top, left, ch, cw = crop_box(height, width, crop)
+def cam_share_in_lungs(
+    cam: np.ndarray, lungs: np.ndarray, crop: float = 1.0, *, box: Box | None = None
+) -> float:
+    """Fraction of the map's mass on lung pixels; `lungs` is the radiograph-sized mask.
+
+    The map covers `box` (`Prediction.box`), or else the central `crop` fraction."""
+    top, left, ch, cw = box if box is not None else crop_box(*lungs.shape, crop)
     heat = np.asarray(
         Image.fromarray(np.ascontiguousarray(cam, dtype=np.float32)).resize(
             (cw, ch), Image.Resampling.BILINEAR

@@ -162,7 +162,7 @@ def _error_panels(
         row = scored.rows[i]
         pixels = prediction.radiograph.pixels
         image = (
-            overlay(pixels, prediction.cam, crop=predictor.info.preprocess.crop)
+            overlay(pixels, prediction.cam, crop=predictor.info.preprocess.crop, box=prediction.box)
             if prediction.cam is not None
             else grey_to_uint8(pixels)
         )

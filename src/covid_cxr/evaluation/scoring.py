@@ -76,4 +76,4 @@ def _share(predictor: Predictor, result: Prediction, lungs: LungSegmenter | None
     if lungs is None or result.cam is None:
         return float("nan")
     mask = lungs.segment(result.radiograph).mask
-    return cam_share_in_lungs(result.cam, mask, predictor.info.preprocess.crop)
+    return cam_share_in_lungs(result.cam, mask, predictor.info.preprocess.crop, box=result.box)

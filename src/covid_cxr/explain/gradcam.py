@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from covid_cxr.imaging.preprocess import crop_box, grey_to_uint8
+from covid_cxr.imaging.preprocess import Box, crop_box, grey_to_uint8
 
 if TYPE_CHECKING:
     import torch
@@ -94,12 +94,18 @@ JET = _jet_lut()
 
 
 def overlay(
-    pixels: np.ndarray, cam: np.ndarray, alpha: float = 0.4, crop: float = 1.0
+    pixels: np.ndarray,
+    cam: np.ndarray,
+    alpha: float = 0.4,
+    crop: float = 1.0,
+    *,
+    box: Box | None = None,
 ) -> np.ndarray:
     """The radiograph (H, W) in [0, 1] as RGB uint8 with `cam` blended in as a jet heat map.
 
-    The map covers the region the model saw: the central `crop` fraction (the
-    PreprocessConfig's crop) at the original resolution; outside it the radiograph stays grey.
+    The map covers the region the model saw: `box` (top, left, height, width), as carried by
+    `Prediction.box`, or else the central `crop` fraction (the PreprocessConfig's crop) at
+    the original resolution; outside it the radiograph stays grey.
     """
     if pixels.ndim != 2 or cam.ndim != 2:
         raise ValueError(f"expected 2-D pixels and cam, got {pixels.shape} and {cam.shape}")
@@ -107,7 +113,7 @@ def overlay(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     grey = grey_to_uint8(pixels)
     out = np.repeat(grey[:, :, None], 3, axis=2)
-    top, left, ch, cw = crop_box(*pixels.shape, crop)
+    top, left, ch, cw = box if box is not None else crop_box(*pixels.shape, crop)
     heat = Image.fromarray(np.ascontiguousarray(cam, dtype=np.float32)).resize(
         (cw, ch), Image.Resampling.BILINEAR
     )

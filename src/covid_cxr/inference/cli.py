@@ -208,7 +208,8 @@ def _dicom_results(
         stem = f"{path.stem}.{n}"
     used.add(stem)
     assert result.cam is not None  # predicted with cam=True
-    rgb = overlay(result.radiograph.pixels, result.cam, crop=predictor.info.preprocess.crop)
+    crop = predictor.info.preprocess.crop
+    rgb = overlay(result.radiograph.pixels, result.cam, crop=crop, box=result.box)
     try:
         results = build_results(
             result.radiograph,
@@ -291,7 +292,8 @@ def _save_cam(
         return None
     cam_file = _cam_file(args.cam, path, used)
     crop = predictor.info.preprocess.crop
-    Image.fromarray(overlay(result.radiograph.pixels, result.cam, crop=crop)).save(cam_file)
+    rgb = overlay(result.radiograph.pixels, result.cam, crop=crop, box=result.box)
+    Image.fromarray(rgb).save(cam_file)
     return str(cam_file)
 
 

@@ -14,12 +14,13 @@ import numpy as np
 from tqdm import tqdm
 
 from covid_cxr.errors import DataError, ModelError, failure_reason
-from covid_cxr.imaging import PreprocessConfig, preprocess, read_radiograph
+from covid_cxr.imaging import PreprocessConfig, read_radiograph
 from covid_cxr.inference.batch import Failure, gather, map_ordered
 from covid_cxr.inference.onnx_export import export_onnx, max_logit_difference, sample_batch
 from covid_cxr.inference.predictor import resolve_model_path
 from covid_cxr.inference.quantize import DEFAULT_METHOD, CalibrationMethod, quantize_int8
 from covid_cxr.inference.runtime import OnnxRuntime, sigmoid
+from covid_cxr.segmentation.inputs import model_input
 
 PARITY_IMAGES = 16
 PARITY_TOLERANCE = 1e-4  # on logits
@@ -41,7 +42,7 @@ def load_inputs(
     """Read and preprocess in parallel; unreadable files are kept as failures, not fatal."""
 
     def work(path: Path) -> np.ndarray:
-        return preprocess(read_radiograph(path).pixels, config)
+        return model_input(read_radiograph(path).pixels, config, source=str(path)).pixels
 
     arrays, kept, failures = [], [], []
     results = map_ordered(work, paths, workers=workers, ahead=4 * max(1, workers))

@@ -18,10 +18,13 @@ import numpy as np
 
 from covid_cxr.errors import ModelError
 from covid_cxr.gate import GateResult, InputGate, gate_enabled
-from covid_cxr.imaging import Radiograph, preprocess, read_radiograph
+from covid_cxr.imaging import Radiograph, read_radiograph
+from covid_cxr.imaging.preprocess import Box
 from covid_cxr.inference.runtime import Runtime, elapsed_ms, open_runtime, sigmoid
 from covid_cxr.models.info import ModelInfo
 from covid_cxr.paths import DEFAULT_MODEL
+from covid_cxr.segmentation.inputs import model_input
+from covid_cxr.segmentation.segmenter import LungSegmenter
 
 MODEL_ENV = "COVID_CXR_MODEL"
 COVID, NON_COVID = "COVID-19", "non-COVID"
@@ -51,6 +54,8 @@ class Prediction:
     warnings: tuple[str, ...] = ()
     # The input gate's P(frontal chest radiograph); None when the gate is off.
     gate_score: float | None = None
+    # (top, left, height, width) of the radiograph the model saw: where `cam` goes back.
+    box: Box | None = None
 
 
 @dataclass
@@ -62,6 +67,7 @@ class PreparedImage:
     read_ms: float
     preprocess_ms: float
     gate: GateResult | None = None
+    box: Box | None = None  # the radiograph region `input` covers (see `Prediction.box`)
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -138,6 +144,8 @@ class Predictor:
         self.operating_point = point
         self.threshold = float(self.info.thresholds[point])
         self.gate: InputGate | None = InputGate() if gate_enabled(gate) else None
+        # Only models that crop to the lungs load the segmenter (shared by all threads).
+        self.lungs = LungSegmenter(threads=threads) if self.info.preprocess.needs_lungs else None
 
     @property
     def version(self) -> str:
@@ -157,7 +165,8 @@ class Predictor:
     def prepare(self, source: Source, *, name: str | None = None) -> PreparedImage:
         """Read (unless given a Radiograph), pass the input gate, preprocess as in training.
 
-        Raises OutOfScopeError (a RadiographError) for what the model cannot judge.
+        Raises OutOfScopeError (a RadiographError) for what the model cannot judge, and
+        NoLungsError when a model that crops to the lungs gets an image without any.
         """
         start = time.perf_counter()
         given = isinstance(source, Radiograph)
@@ -165,8 +174,10 @@ class Predictor:
         read_ms = 0.0 if given else elapsed_ms(start)
         gate = self.gate.check(radiograph) if self.gate is not None else None
         start = time.perf_counter()
-        pixels = preprocess(radiograph.pixels, self.info.preprocess)
-        return PreparedImage(radiograph, pixels, read_ms, elapsed_ms(start), gate)
+        made = model_input(
+            radiograph.pixels, self.info.preprocess, self.lungs, source=radiograph.source
+        )
+        return PreparedImage(radiograph, made.pixels, read_ms, elapsed_ms(start), gate, made.box)
 
     def predict(self, source: Source, *, name: str | None = None, cam: bool = False) -> Prediction:
         """Probability of COVID-19 for one radiograph (path, bytes or Radiograph)."""
@@ -228,6 +239,7 @@ class Predictor:
                     cam=None if maps is None else maps[i],
                     warnings=item.gate.warnings if item.gate else (),
                     gate_score=item.gate.score if item.gate else None,
+                    box=item.box,
                 )
             )
         return results

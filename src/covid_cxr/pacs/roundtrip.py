@@ -93,7 +93,7 @@ def _predict(
     try:
         radiograph = read_radiograph(data, name=name)
         prediction = predictor.predict(radiograph, cam=predictor.cam_available)
-        rgb = _picture(predictor, radiograph.pixels, prediction.cam)
+        rgb = _picture(predictor, radiograph.pixels, prediction.cam, prediction.box)
         results = build_results(
             radiograph, prediction, rgb, predictor.info, operating_point=predictor.operating_point
         )
@@ -105,11 +105,16 @@ def _predict(
     return outcome, [results.sr_bytes(), results.sc_bytes()]
 
 
-def _picture(predictor: Predictor, pixels: np.ndarray, cam: np.ndarray | None) -> np.ndarray:
-    """What the Secondary Capture shows: the Grad-CAM overlay, or the plain radiograph when
-    the model cannot explain itself."""
+def _picture(
+    predictor: Predictor,
+    pixels: np.ndarray,
+    cam: np.ndarray | None,
+    box: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+    """What the Secondary Capture shows: the Grad-CAM overlay (placed on `box`, the region the
+    model saw), or the plain radiograph when the model cannot explain itself."""
     from covid_cxr.explain.gradcam import overlay
 
     if cam is not None:
-        return overlay(pixels, cam, crop=predictor.info.preprocess.crop)
+        return overlay(pixels, cam, crop=predictor.info.preprocess.crop, box=box)
     return np.repeat(grey_to_uint8(pixels)[:, :, None], 3, axis=2)

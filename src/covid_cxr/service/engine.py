@@ -16,6 +16,7 @@ from PIL import Image
 
 from covid_cxr import RESEARCH_NOTICE
 from covid_cxr.errors import EmptyFileError, NotAnImageError
+from covid_cxr.imaging.preprocess import Box, scale_box
 from covid_cxr.paths import SHIPPED
 from covid_cxr.service import schemas
 from covid_cxr.service.security import FORMATS
@@ -65,6 +66,13 @@ def _png(image: np.ndarray) -> schemas.ImagePNG:
     return schemas.ImagePNG(
         png_base64=base64.b64encode(buffer.getvalue()).decode("ascii"), width=width, height=height
     )
+
+
+def _scaled(box: Box | None, shape: tuple[int, ...], new_shape: tuple[int, ...]) -> Box | None:
+    """The model's box on the radiograph, moved onto its scaled-down copy (None stays None)."""
+    if box is None:
+        return None
+    return scale_box(box, (shape[0], shape[1]), (new_shape[0], new_shape[1]))
 
 
 def _fit(pixels: np.ndarray, max_side: int) -> np.ndarray:
@@ -138,7 +146,10 @@ class Engine:
 
         crop = self.predictor.info.preprocess.crop
         small = _fit(radiograph.pixels, self.settings.image_max_side) if heat or preview else None
-        heat_rgb = overlay(small, result.cam, alpha=CAM_ALPHA, crop=crop) if heat else None
+        heat_rgb = None
+        if heat and small is not None:
+            box = _scaled(result.box, radiograph.pixels.shape, small.shape)
+            heat_rgb = overlay(small, result.cam, alpha=CAM_ALPHA, crop=crop, box=box)
         cam_png = _png(heat_rgb) if cam and heat_rgb is not None else None
         grey = (np.clip(small, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8) if preview else None
         preview_png = _png(grey) if preview else None

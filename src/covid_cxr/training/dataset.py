@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from covid_cxr.data.manifest import ManifestRow
 from covid_cxr.errors import CovidCxrError, failure_reason
-from covid_cxr.imaging import PreprocessConfig, preprocess, read_radiograph
+from covid_cxr.imaging import PreprocessConfig, read_radiograph
+from covid_cxr.segmentation.inputs import model_input
 
 CACHE_DTYPES = {"uint8": torch.uint8, "float16": torch.float16}
 
@@ -99,7 +100,8 @@ def _decode(task: tuple[str, PreprocessConfig, str]) -> np.ndarray | str:
     """Worker: one file to a (S, S) array in the cache dtype, or the reason it failed."""
     path, config, dtype = task
     try:
-        pixels = preprocess(read_radiograph(path).pixels, config)
+        # A lung-crop config loads the segmenter once per worker process, on first use.
+        pixels = model_input(read_radiograph(path).pixels, config, source=path).pixels
     except (CovidCxrError, OSError, ValueError) as exc:
         return failure_reason(exc)
     if dtype == "uint8":
