@@ -4,6 +4,8 @@ info, the crop box, attenuation, and every path that makes model inputs (Predict
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +16,7 @@ from PIL import Image
 
 from covid_cxr.cli import main
 from covid_cxr.errors import RadiographError
+from covid_cxr.evaluation.attention import cam_share_in_lungs
 from covid_cxr.explain.gradcam import overlay
 from covid_cxr.imaging import PreprocessConfig, preprocess, read_radiograph
 from covid_cxr.imaging.preprocess import crop_box, grey_to_uint8, input_box, scale_box
@@ -24,7 +27,10 @@ from covid_cxr.models.info import ModelInfo
 from covid_cxr.paths import REPO_ROOT, shipped_model
 from covid_cxr.segmentation import LungSegmenter
 from covid_cxr.segmentation.inputs import NoLungsError, model_input
+from covid_cxr.service.engine import Engine
+from covid_cxr.service.settings import ServiceSettings
 from inference_helpers import real_radiographs
+from service_helpers import TEST_SETTINGS, asgi_client, make_app
 from train_helpers import real_rows, write_rows
 
 CROP = PreprocessConfig(size=224, intensity="equalize", lungs="crop", lung_margin=0.1)
@@ -176,6 +182,43 @@ def _assert_map_inside(rgb: np.ndarray, pixels: np.ndarray, box: tuple[int, ...]
     assert rgb.shape == grey.shape
     assert np.array_equal(rgb[~inside], grey[~inside])
     assert (rgb[inside] != grey[inside]).any(axis=1).mean() > 0.5
+
+
+def test_service_cam_is_placed_on_the_scaled_lung_box(
+    lung_model: Path, files: list[Path], segmenter: LungSegmenter
+) -> None:
+    settings = {**TEST_SETTINGS, "image_max_side": 200}  # the map goes on a scaled-down copy
+    engine = Engine.load(ServiceSettings(**settings, model=str(lung_model)))
+    app = make_app(engine, image_max_side=200)
+    path = files[2]
+    try:
+        with asgi_client(app) as client:
+            upload = {"file": (path.name, path.read_bytes(), "image/jpeg")}
+            response = client.post("/api/v1/predict", params={"cam": "true"}, files=upload)
+    finally:
+        app.state.service.pool.shutdown()
+    assert response.status_code == 200, response.text
+    png = base64.b64decode(response.json()["cam"]["png_base64"])
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    pixels = read_radiograph(path).pixels
+    box = input_box(pixels.shape, CROP, segmenter.segment(pixels).mask)
+    top, left, height, width = scale_box(box, pixels.shape, rgb.shape[:2])
+    assert max(rgb.shape[:2]) == 200
+    coloured = np.abs(rgb[..., 0] - rgb[..., 2]) > 0
+    inside = np.zeros(coloured.shape, bool)
+    inside[top : top + height, left : left + width] = True
+    assert not coloured[~inside].any()  # grey outside the box the model saw
+    assert coloured[inside].mean() > 0.5
+
+
+def test_cam_share_in_lungs_uses_the_box(files: list[Path], segmenter: LungSegmenter) -> None:
+    pixels = read_radiograph(files[1]).pixels
+    mask = segmenter.segment(pixels).mask
+    top, left, height, width = box = input_box(pixels.shape, CROP, mask)
+    flat = np.ones((7, 7), np.float32)  # evenly spread evidence over what the model saw
+    share = cam_share_in_lungs(flat, mask, box=box)
+    assert share == pytest.approx(mask[top : top + height, left : left + width].mean(), abs=1e-6)
+    assert share > cam_share_in_lungs(flat, mask)  # the whole radiograph has more non-lung
 
 
 def test_scaled_box_stays_on_the_scaled_radiograph() -> None:
