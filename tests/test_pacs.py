@@ -8,6 +8,7 @@ radiographs, runs `covid-cxr pacs`, and reads what came back over DICOMweb.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import socket
 import subprocess
@@ -199,6 +200,15 @@ def test_watch_stores_sr_and_sc_in_each_study_and_never_twice(
         texts = [item.TextValue for item in content_items(sr) if item.ValueType == "TEXT"]
         assert "Research use only, not a medical device." in texts
         assert sc.pixel_array.shape[2] == 3 and sc.pixel_array.shape[0] > 100
+
+    # Every prediction entered the audit trail (the tests' own state folder), without the
+    # patient: the instance is known by its bytes' sha256 only.
+    trail = tmp_path / "trail.jsonl"
+    assert main(["audit", "export", "--format", "jsonl", "--output", str(trail)]) == 0
+    events = [json.loads(line) for line in trail.read_text().splitlines()]
+    assert [(e["outcome"], e["input_format"]) for e in events] == [("predicted", "DICOM")] * 2
+    assert all(len(e["input_sha256"]) == 64 for e in events)
+    assert "Synthetic" not in trail.read_text()
 
     # A restarted watcher remembers what it did: nothing is processed or stored twice.
     assert _run_pacs(*args, monkeypatch=monkeypatch) == 0

@@ -50,9 +50,25 @@ def cli_event(
     path: str | Path, result: Prediction | Failure, predictor: Predictor
 ) -> PredictionEvent:
     """The event for one input of `covid-cxr predict`: channel "cli", nobody's key."""
+    return _event(*file_digest(path), result, predictor)
+
+
+def bytes_event(data: bytes, result: Prediction | Failure, predictor: Predictor) -> PredictionEvent:
+    """The event for an input held in memory (`covid-cxr pacs`: an instance retrieved from the
+    PACS), on the command-line channel like `predict`."""
+    digest = hashlib.sha256(data).hexdigest()
+    return _event(digest, len(data), sniff_format(data), result, predictor)
+
+
+def _event(
+    sha256: str | None,
+    size: int,
+    sniffed: str | None,
+    result: Prediction | Failure,
+    predictor: Predictor,
+) -> PredictionEvent:
     from covid_cxr.inference.batch import Failure
 
-    sha256, size, sniffed = file_digest(path)
     common = {
         "time": utc_now(),
         "request_id": new_request_id(),

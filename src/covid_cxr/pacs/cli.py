@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from covid_cxr import RESEARCH_NOTICE
 
 if TYPE_CHECKING:
+    from covid_cxr.audit.events import Recorder
     from covid_cxr.inference.predictor import Predictor
     from covid_cxr.pacs.dicomweb import DicomWebClient
     from covid_cxr.pacs.roundtrip import StudyResult
@@ -26,6 +27,8 @@ bearer token in ${TOKEN_ENV} (never on the command line, where other users can s
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from covid_cxr.audit.cli import add_audit_options
+
     parser = subparsers.add_parser(
         "pacs",
         help="predict studies on a PACS and store the results back (DICOMweb)",
@@ -51,10 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--user", help=f"HTTP basic user (password in ${PASSWORD_ENV})")
         sub.add_argument("--model", help="ONNX file or checkpoint (default: the shipped model)")
         sub.add_argument("--operating-point", help="a named threshold of the model")
+        add_audit_options(sub)
         sub.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from covid_cxr.audit.cli import audit_url
+    from covid_cxr.audit.store import recorder_for
     from covid_cxr.inference.predictor import Predictor
     from covid_cxr.pacs.dicomweb import Auth, Backoff, DicomWebClient
 
@@ -63,10 +69,14 @@ def run(args: argparse.Namespace) -> int:
     # The watcher backs off itself between polls; one request waits less for the PACS.
     backoff = Backoff(patience=5.0) if args.action == "watch" else Backoff()
     print(f"{RESEARCH_NOTICE}\nmodel: {predictor!r}", file=sys.stderr)
-    with DicomWebClient(args.url, auth, backoff=backoff) as client:
-        if args.action == "process":
-            return _process(client, predictor, args.study)
-        return _watch(client, predictor, args)
+    recorder = recorder_for(audit_url(args))  # every prediction is recorded before it is stored
+    try:
+        with DicomWebClient(args.url, auth, backoff=backoff) as client:
+            if args.action == "process":
+                return _process(client, predictor, args.study, recorder)
+            return _watch(client, predictor, args, recorder)
+    finally:
+        recorder.close()
 
 
 def _report(result: StudyResult) -> None:
@@ -87,28 +97,32 @@ def _report(result: StudyResult) -> None:
     )
 
 
-def _process(client: DicomWebClient, predictor: Predictor, studies: list[str]) -> int:
+def _process(
+    client: DicomWebClient, predictor: Predictor, studies: list[str], recorder: Recorder
+) -> int:
     from covid_cxr.pacs.roundtrip import process_study
 
     failed = 0
     for study in studies:
-        result = process_study(client, predictor, study)
+        result = process_study(client, predictor, study, recorder)
         _report(result)
         failed += sum(item.outcome != "predicted" for item in result.instances)
     return 1 if failed else 0
 
 
-def _watch(client: DicomWebClient, predictor: Predictor, args: argparse.Namespace) -> int:
+def _watch(
+    client: DicomWebClient, predictor: Predictor, args: argparse.Namespace, recorder: Recorder
+) -> int:
     from covid_cxr.pacs.watch import ProcessedStudies, run_once, watch
 
     memory = ProcessedStudies(args.state)
     try:
         if args.once:
-            done = run_once(client, predictor, memory, _report)
+            done = run_once(client, predictor, memory, _report, recorder)
             print(f"{done} new study(ies) processed; {memory.count()} done in all", file=sys.stderr)
             return 0
         print(f"watching {args.url} every {args.interval:g} s (Ctrl-C stops)", file=sys.stderr)
-        watch(client, predictor, memory, _report, interval=args.interval)
+        watch(client, predictor, memory, _report, interval=args.interval, recorder=recorder)
         return 0
     finally:
         memory.close()

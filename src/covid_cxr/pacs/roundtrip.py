@@ -15,15 +15,18 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from covid_cxr.errors import OutOfScopeError, RadiographError, failure_reason
+from covid_cxr.audit.capture import bytes_event
+from covid_cxr.errors import OutOfScopeError, RadiographError, error_code, failure_reason
 from covid_cxr.imaging import read_radiograph
 from covid_cxr.imaging.preprocess import grey_to_uint8
+from covid_cxr.inference.batch import Failure
 from covid_cxr.pacs.dicomweb import DicomWebClient
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from covid_cxr.inference.predictor import Predictor
+    from covid_cxr.audit.events import Recorder
+    from covid_cxr.inference.predictor import Prediction, Predictor
 
 RADIOGRAPH_MODALITIES = ("CR", "DX")
 RESULT_SERIES_PREFIX = "covid-cxr"  # the SR's and SC's SeriesDescription start with this
@@ -61,8 +64,16 @@ def has_results(client: DicomWebClient, study_uid: str) -> bool:
     return any(_value(s, "SeriesDescription").startswith(RESULT_SERIES_PREFIX) for s in series)
 
 
-def process_study(client: DicomWebClient, predictor: Predictor, study_uid: str) -> StudyResult:
-    """Predict every CR/DX instance of the study and store its SR and SC in the study."""
+def process_study(
+    client: DicomWebClient,
+    predictor: Predictor,
+    study_uid: str,
+    recorder: Recorder | None = None,
+) -> StudyResult:
+    """Predict every CR/DX instance of the study and store its SR and SC in the study.
+
+    With a `recorder`, each instance's prediction (or failure) enters the audit trail before
+    its results go to the PACS."""
     start = time.perf_counter()
     result = StudyResult(study_uid)
     if has_results(client, study_uid):
@@ -75,7 +86,9 @@ def process_study(client: DicomWebClient, predictor: Predictor, study_uid: str) 
         for instance in client.search_instances(study_uid, series_uid):
             sop_uid = _value(instance, "SOPInstanceUID")
             data = client.retrieve_instance(study_uid, series_uid, sop_uid)
-            outcome, files = _predict(predictor, data, f"{study_uid}/{sop_uid}", sop_uid)
+            outcome, files, audited = _predict(predictor, data, f"{study_uid}/{sop_uid}", sop_uid)
+            if recorder is not None:
+                recorder.record(bytes_event(data, audited, predictor))
             if files:
                 client.store(files)
                 result.stored += len(files)
@@ -86,8 +99,9 @@ def process_study(client: DicomWebClient, predictor: Predictor, study_uid: str) 
 
 def _predict(
     predictor: Predictor, data: bytes, name: str, sop_uid: str
-) -> tuple[InstanceResult, list[bytes]]:
-    """The instance's outcome and the result files to store (none when it failed)."""
+) -> tuple[InstanceResult, list[bytes], Prediction | Failure]:
+    """The instance's outcome, the result files to store (none when it failed) and what the
+    audit trail records."""
     from covid_cxr.dicom import build_results
 
     try:
@@ -97,12 +111,13 @@ def _predict(
         results = build_results(
             radiograph, prediction, rgb, predictor.info, operating_point=predictor.operating_point
         )
-    except OutOfScopeError as exc:
-        return InstanceResult(sop_uid, "refused", reason=exc.reason), []
     except RadiographError as exc:
-        return InstanceResult(sop_uid, "failed", reason=failure_reason(exc)), []
+        kind = "refused" if isinstance(exc, OutOfScopeError) else "failed"
+        reason = exc.reason if kind == "refused" else failure_reason(exc)
+        failure = Failure(name, failure_reason(exc), error_code(exc))
+        return InstanceResult(sop_uid, kind, reason=reason), [], failure
     outcome = InstanceResult(sop_uid, "predicted", prediction.probability, prediction.label)
-    return outcome, [results.sr_bytes(), results.sc_bytes()]
+    return outcome, [results.sr_bytes(), results.sc_bytes()], prediction
 
 
 def _picture(

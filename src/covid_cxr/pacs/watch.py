@@ -21,6 +21,7 @@ from covid_cxr.pacs.dicomweb import DicomWebClient, PacsUnavailable
 from covid_cxr.pacs.roundtrip import RADIOGRAPH_MODALITIES, StudyResult, process_study
 
 if TYPE_CHECKING:
+    from covid_cxr.audit.events import Recorder
     from covid_cxr.inference.predictor import Predictor
 
 log = logging.getLogger("covid_cxr.pacs")
@@ -87,11 +88,12 @@ def run_once(
     predictor: Predictor,
     memory: ProcessedStudies,
     report: Callable[[StudyResult], None],
+    recorder: Recorder | None = None,
 ) -> int:
     """Process every pending study; returns how many were finished."""
     finished = 0
     for study_uid in pending_studies(client, memory):
-        result = process_study(client, predictor, study_uid)
+        result = process_study(client, predictor, study_uid, recorder)
         memory.mark(result)
         report(result)
         finished += 1
@@ -107,13 +109,14 @@ def watch(
     interval: float = 10.0,
     stop: threading.Event | None = None,
     max_wait: float = 60.0,
+    recorder: Recorder | None = None,
 ) -> None:
     """Poll every `interval` seconds until `stop` is set; survive the PACS being down."""
     stop = stop or threading.Event()
     wait = interval
     while not stop.is_set():
         try:
-            run_once(client, predictor, memory, report)
+            run_once(client, predictor, memory, report, recorder)
             wait = interval
         except PacsUnavailable as exc:
             wait = min(max(wait * 2, interval), max_wait)
