@@ -164,7 +164,11 @@ def test_watch_stores_sr_and_sc_in_each_study_and_never_twice(
         client, next((datasets / "nih-chestxray8-subset/No_Finding").glob("*.png")), Modality="CR"
     )
     state = tmp_path / "state.db"
-    args = ("watch", "--url", orthanc.url, "--user", USER, "--state", str(state), "--once")
+    audit = f"sqlite:///{tmp_path / 'audit.db'}"
+    args = (
+        *("watch", "--url", orthanc.url, "--user", USER, "--state", str(state), "--once"),
+        *("--audit-db", audit),
+    )
     start = time.perf_counter()
     assert _run_pacs(*args, monkeypatch=monkeypatch) == 0
     per_study = (time.perf_counter() - start) / 2
@@ -201,10 +205,11 @@ def test_watch_stores_sr_and_sc_in_each_study_and_never_twice(
         assert "Research use only, not a medical device." in texts
         assert sc.pixel_array.shape[2] == 3 and sc.pixel_array.shape[0] > 100
 
-    # Every prediction entered the audit trail (the tests' own state folder), without the
-    # patient: the instance is known by its bytes' sha256 only.
+    # Every prediction entered the audit trail, without the patient: the instance is known by
+    # its bytes' sha256 only.
     trail = tmp_path / "trail.jsonl"
-    assert main(["audit", "export", "--format", "jsonl", "--output", str(trail)]) == 0
+    export = ["audit", "export", "--audit-db", audit, "--format", "jsonl", "--output", str(trail)]
+    assert main(export) == 0
     events = [json.loads(line) for line in trail.read_text().splitlines()]
     assert [(e["outcome"], e["input_format"]) for e in events] == [("predicted", "DICOM")] * 2
     assert all(len(e["input_sha256"]) == 64 for e in events)
