@@ -7,7 +7,9 @@ from end to end; nothing here writes a file or logs image content or DICOM field
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +18,7 @@ from PIL import Image
 
 from covid_cxr import RESEARCH_NOTICE
 from covid_cxr.errors import EmptyFileError, NotAnImageError
-from covid_cxr.imaging.preprocess import Box, scale_box
+from covid_cxr.imaging.preprocess import Box, grey_to_uint8, scale_box
 from covid_cxr.paths import SHIPPED
 from covid_cxr.service import schemas
 from covid_cxr.service.security import FORMATS
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from covid_cxr.inference.predictor import Prediction, Predictor
 
 CAM_ALPHA = 0.4
+LARGE_PIXELS = 2048 * 2048  # above this, predictions take turns (see Engine.__init__)
 # Where the model was trained from is the operator's business, not the API client's.
 PRIVATE_METADATA = {"manifest"}
 MODEL_CARD = (
@@ -94,6 +97,10 @@ class Engine:
     def __init__(self, predictor: Predictor, settings: ServiceSettings) -> None:
         self.predictor = predictor
         self.settings = settings
+        # Preprocessing a large radiograph briefly holds two more full-size float copies (the
+        # crop and Pillow's own); one large image at a time keeps the server's peak memory
+        # bounded with several inference workers, while small ones never wait.
+        self._large = threading.Lock()
 
     @classmethod
     def load(cls, settings: ServiceSettings) -> Engine:
@@ -140,7 +147,9 @@ class Engine:
         decoded = time.perf_counter()
         # DICOM results carry the heat map too (in their Secondary Capture).
         heat = (cam or dicom) and self.predictor.cam_available
-        result = self.predictor.predict(radiograph, name=upload.filename, cam=heat)
+        large = radiograph.width * radiograph.height > LARGE_PIXELS
+        with self._large if large else contextlib.nullcontext():
+            result = self.predictor.predict(radiograph, name=upload.filename, cam=heat)
         predicted = time.perf_counter()
         from covid_cxr.explain.gradcam import overlay
 
@@ -151,7 +160,7 @@ class Engine:
             box = _scaled(result.box, radiograph.pixels.shape, small.shape)
             heat_rgb = overlay(small, result.cam, alpha=CAM_ALPHA, crop=crop, box=box)
         cam_png = _png(heat_rgb) if cam and heat_rgb is not None else None
-        grey = (np.clip(small, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8) if preview else None
+        grey = grey_to_uint8(small) if preview else None
         preview_png = _png(grey) if preview else None
         dicom_results = self._dicom(radiograph, result, heat_rgb) if dicom else None
         done = time.perf_counter()
