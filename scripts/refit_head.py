@@ -28,11 +28,14 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from covid_cxr.adaptation.features import extract_features
+from covid_cxr.adaptation.head import LinearHead
+from covid_cxr.adaptation.onnx_model import write_adapted
 from covid_cxr.data.manifest import ManifestRow, load_manifest
 from covid_cxr.evaluation.thresholds import BALANCED_YOUDEN, choose_operating_points
-from covid_cxr.inference.batch import map_ordered
-from covid_cxr.inference.metadata import FEATURES, CamHead, read_metadata, set_metadata
+from covid_cxr.inference.metadata import read_metadata
 from covid_cxr.inference.predictor import Predictor
+from covid_cxr.models.info import ModelInfo
 from covid_cxr.numeric import sigmoid
 from covid_cxr.paths import DEFAULT_MODEL
 
@@ -60,24 +63,17 @@ class Features:
 
 
 def extract(predictor: Predictor, rows: list[ManifestRow], cache: Path) -> Features:
-    """Pooled `features` of every readable row (cached by path)."""
+    """Pooled `features` of every readable row (`adapt`'s extraction, cached by path)."""
     known: dict[str, np.ndarray] = {}
     if cache.is_file():
         stored = np.load(cache, allow_pickle=False)
         known = dict(zip(stored["paths"].tolist(), stored["pooled"], strict=True))
     todo = [r for r in rows if str(r.path) not in known]
-    session = predictor.runtime.session  # type: ignore[attr-defined]
-    for done, (row, prepared) in enumerate(
-        map_ordered(lambda r: predictor.prepare(r.path), todo, workers=2, ahead=16), start=1
-    ):
-        if isinstance(prepared, BaseException):
-            print(f"  unreadable {row.path}: {prepared}", file=sys.stderr)
-            continue
-        (maps,) = session.run([FEATURES], {"image": prepared.input[None, None]})
-        known[str(row.path)] = maps.mean(axis=(2, 3))[0]
-        if done % 500 == 0:
-            print(f"  features {done}/{len(todo)}", file=sys.stderr)
     if todo:
+        found = extract_features(predictor, todo)
+        for failure in found.failures:
+            print(f"  unreadable {failure.source}: {failure.reason}", file=sys.stderr)
+        known.update(zip((str(r.path) for r in found.rows), found.pooled, strict=True))
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, paths=np.array(list(known)), pooled=np.stack(list(known.values())))
     kept = [r for r in rows if str(r.path) in known]
@@ -107,23 +103,10 @@ def per_source(features: Features, scores: np.ndarray) -> dict[str, float | None
 
 
 def write_model(base: Path, out: Path, weight: np.ndarray, bias: float, info_changes: dict) -> None:
-    import onnx
-    from onnx import numpy_helper
-
-    from covid_cxr.fileio import atomic_path
-    from covid_cxr.models.info import ModelInfo
-
-    proto = onnx.load(str(base))
+    """`base` with the refitted head (`adapt`'s ONNX rewrite) and its info updated."""
     info, _ = read_metadata(base)
-    for init in proto.graph.initializer:
-        if init.name == "model._fc.weight":
-            init.CopyFrom(numpy_helper.from_array(weight[None].astype(np.float32), init.name))
-        elif init.name == "model._fc.bias":
-            init.CopyFrom(numpy_helper.from_array(np.array([bias], np.float32), init.name))
     info = ModelInfo.from_dict({**info.to_dict(), **info_changes})
-    set_metadata(proto, info, CamHead(weight.astype(np.float32), bias))
-    with atomic_path(out) as tmp:
-        onnx.save(proto, str(tmp))
+    write_adapted(base, out, LinearHead(weight, bias), info)
 
 
 def main() -> int:
