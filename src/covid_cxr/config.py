@@ -178,6 +178,7 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the model (slow to start; measure before enabling)
     cache_dtype: Literal["uint8", "float16"] = "float16"
     decode_workers: int = 2  # processes decoding images into the in-memory cache
+    cache_dir: str = ""  # also keep decoded inputs on disk here, reused by later runs ("": off)
     eval_batch_size: int = 64
 
 

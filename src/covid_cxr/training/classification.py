@@ -112,6 +112,7 @@ def build_cache(
         config.preprocess,
         dtype=runtime.cache_dtype,
         workers=runtime.decode_workers,
+        cache_dir=runtime.cache_dir or None,
         desc=f"decoding {split}",
         progress=progress and context.main,
     )

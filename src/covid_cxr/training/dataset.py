@@ -3,7 +3,10 @@
 Decoding and resizing a radiograph costs far more than a training step of a small CNN needs,
 so each image goes through `read_radiograph` + `preprocess` (the same function evaluation and
 inference use) exactly once, in worker processes, and is kept as uint8 or float16
-(N, 1, S, S). Unreadable images are counted and reported, never fatal.
+(N, 1, S, S). Unreadable images are counted and reported, never fatal. With a `cache_dir`
+each decoded input is also kept on disk, keyed by the image's sha256 and everything that shapes
+it (preprocessing, cache dtype, lung segmenter), so that the next run on the same images (a
+leave-source-out series, a rerun) skips decoding and segmentation.
 
 Batch order is a pure function of (seed, epoch), identical on every process: under
 `torchrun`, process r takes positions r, r + W, r + 2W, ... of the global order, so the
@@ -12,11 +15,15 @@ process batches of one step together form exactly the global batch a single proc
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import multiprocessing
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -25,8 +32,10 @@ from tqdm import tqdm
 
 from covid_cxr.data.manifest import ManifestRow
 from covid_cxr.errors import CovidCxrError, failure_reason
+from covid_cxr.fileio import atomic_write_bytes
 from covid_cxr.imaging import PreprocessConfig, read_radiograph
 from covid_cxr.segmentation.inputs import model_input
+from covid_cxr.segmentation.segmenter import DEFAULT_SEGMENTER
 
 CACHE_DTYPES = {"uint8": torch.uint8, "float16": torch.float16}
 
@@ -96,17 +105,37 @@ class CachedImages:
         return text
 
 
-def _decode(task: tuple[str, PreprocessConfig, str]) -> np.ndarray | str:
+def cache_folder(cache_dir: str | Path, config: PreprocessConfig, dtype: str) -> Path:
+    """The folder of `cache_dir` holding inputs made by exactly this preprocessing."""
+    recipe: dict[str, object] = {"preprocess": asdict(config), "dtype": dtype}
+    if config.needs_lungs:
+        recipe["segmenter"] = hashlib.sha256(DEFAULT_SEGMENTER.read_bytes()).hexdigest()
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{config.size}px-{config.lungs}-{key}"
+
+
+def _decode(task: tuple[str, PreprocessConfig, str, Path | None]) -> np.ndarray | str:
     """Worker: one file to a (S, S) array in the cache dtype, or the reason it failed."""
-    path, config, dtype = task
+    path, config, dtype, cached = task
+    if cached is not None and cached.is_file():
+        try:
+            return np.load(cached, allow_pickle=False)
+        except (OSError, ValueError):
+            pass  # a damaged cache file is decoded again and replaced
     try:
         # A lung-crop config loads the segmenter once per worker process, on first use.
         pixels = model_input(read_radiograph(path).pixels, config, source=path).pixels
     except (CovidCxrError, OSError, ValueError) as exc:
         return failure_reason(exc)
     if dtype == "uint8":
-        return np.rint(pixels * 255.0).astype(np.uint8)
-    return pixels.astype(np.float16)
+        result = np.rint(pixels * 255.0).astype(np.uint8)
+    else:
+        result = pixels.astype(np.float16)
+    if cached is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, result, allow_pickle=False)
+        atomic_write_bytes(cached, buffer.getvalue())
+    return result
 
 
 def decode_images(
@@ -116,9 +145,22 @@ def decode_images(
     workers: int = 2,
     desc: str = "decoding",
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> CachedImages:
-    """Read and preprocess `rows` once; `workers` processes (0: in this process)."""
-    tasks = [(str(row.path), config, dtype) for row in rows]
+    """Read and preprocess `rows` once; `workers` processes (0: in this process).
+
+    `cache_dir`: reuse and keep decoded inputs there (see the module docstring); None: off.
+    """
+    folder = cache_folder(cache_dir, config, dtype) if cache_dir else None
+    tasks = [
+        (
+            str(row.path),
+            config,
+            dtype,
+            folder / f"{row.sha256}.npy" if folder and row.sha256 else None,
+        )
+        for row in rows
+    ]
     images = torch.empty((len(rows), 1, config.size, config.size), dtype=CACHE_DTYPES[dtype])
     keep: list[int] = []
     unreadable: list[Unreadable] = []
