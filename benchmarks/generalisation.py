@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from refit_head import Features, extract, fit
 
-from covid_cxr.data.manifest import load_manifest
+from covid_cxr.data.manifest import ManifestRow, load_manifest
 from covid_cxr.evaluation.bootstrap import cluster_ids
 from covid_cxr.evaluation.metrics import assess
 from covid_cxr.evaluation.thresholds import balanced_youden_threshold
@@ -67,8 +67,16 @@ def evaluation_set(features: Features, held: set[str]) -> Features:
 
 
 def score(scored: Features, probabilities: np.ndarray, threshold: float) -> dict[str, str]:
-    clusters = cluster_ids([r.patient_id for r in scored.rows], [r.source for r in scored.rows])
-    result = assess(scored.targets, probabilities, clusters, {"t": threshold}, 1000, 0)
+    return score_rows(scored.rows, probabilities, threshold)
+
+
+def score_rows(
+    rows: list[ManifestRow], probabilities: np.ndarray, threshold: float
+) -> dict[str, str]:
+    """AUC, and sensitivity and specificity at `threshold`, with 95% CIs resampling patients."""
+    clusters = cluster_ids([r.patient_id for r in rows], [r.source for r in rows])
+    targets = np.array([r.target for r in rows], dtype=np.float64)
+    result = assess(targets, probabilities, clusters, {"t": threshold}, 1000, 0)
     at = result.operating_points["t"].metrics
     return {
         "n": f"{result.n} ({result.n_covid} COVID-19)",
@@ -87,6 +95,19 @@ def heads(train: Features, base: tuple[np.ndarray, float]) -> dict[str, tuple[np
         "plain logistic regression": fit(plain, 0.003),
         "every (source, class) equal": fit(train, 0.003),
     }
+
+
+def markdown_table(table: list[dict[str, str]], keys: list[str]) -> list[str]:
+    """The rows of `table` as markdown: its `keys` columns, then the scores."""
+    scores = ["images", "ROC-AUC", "sensitivity", "specificity", "threshold"]
+    lines = ["| " + " | ".join(keys + scores) + " |", "|" + "---|" * (len(keys) + len(scores))]
+    lines += [
+        "| "
+        + " | ".join([r[k] for k in keys] + [r["n"], r["auc"], r["sensitivity"], r["specificity"]])
+        + f" | {r['threshold']} |"
+        for r in table
+    ]
+    return lines
 
 
 def main() -> int:
@@ -118,15 +139,7 @@ def main() -> int:
             print(json.dumps(table[-1]), file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.json").write_text(json.dumps(table, indent=2))
-    lines = [
-        "| held out | head | images | ROC-AUC | sensitivity | specificity | threshold |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['held out']} | {r['head']} | {r['n']} | {r['auc']} | {r['sensitivity']} | "
-        f"{r['specificity']} | {r['threshold']} |"
-        for r in table
-    ]
+    lines = markdown_table(table, ["held out", "head"])
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -1,0 +1,151 @@
+"""Leave-source-out with retraining: train without some sources, then score on them.
+
+    python benchmarks/leave_source_out.py [--recipe configs/train/lso.toml] \
+        [--groups a,b,c] [--variants whole,crop,crop-attenuate] [--out DIR]
+
+The honest version of benchmarks/generalisation.py: here the backbone never sees the held-out
+sources either. For each held-out group of issue #9 ((a) Hannover + JSRT + OpenIST: an unseen
+COVID-19 hospital against unseen normal hospitals; (b) ieee8023, the one source with both
+classes; (c) NIH + JSRT + OpenIST: every adult normal unseen) and each variant of the recipe,
+one `covid-cxr train` run on the group's manifest (configs/data/lso-*.toml, built with
+`covid-cxr data build` into data/lso-*/: the held-out sources, and every image of their
+patients or pictures elsewhere, sit in split "external"). The run's kept epoch is scored on
+that external split (for (c), whose held-out images are all non-COVID, together with the seen
+sources' COVID-19 test images): ROC-AUC, and sensitivity and specificity at the threshold
+`youden_balanced` chooses on the seen sources' val split, with 95% CIs resampling patients.
+
+A variant is a name from VARIANTS, optionally with "@SIZE" for another input size
+(e.g. "crop@288"). Runs go to runs/lso/<group>-<variant>/; a finished run (its metrics.json
+exists) is scored again but not retrained, so an interrupted series resumes. The table goes
+to DIR/table.{json,md}, rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from covid_cxr.config import TrainConfig, from_dict
+from covid_cxr.data.manifest import ManifestRow, load_manifest
+from covid_cxr.evaluation.thresholds import balanced_youden_threshold
+from covid_cxr.models.checkpoint import load_checkpoint
+from covid_cxr.training.dataset import decode_images
+from covid_cxr.training.trainer import Trainer
+from generalisation import markdown_table, score_rows
+
+GROUPS = {
+    "a": ("a: Hannover + JSRT + OpenIST", "data/lso-unseen-hospitals/manifest.csv"),
+    "b": ("b: ieee8023", "data/lso-ieee8023/manifest.csv"),
+    "c": ("c: NIH + JSRT + OpenIST", "data/lso-adult-normals/manifest.csv"),
+}
+WHOLE = {"lungs": "off", "crop": 0.9}
+SOURCE_SHIFT = {"blur": 0.3, "noise": 0.03, "overlays": 0.5, "borders": 0.3}
+# name -> overrides of the recipe's tables (preprocess, augment, model, ...)
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "whole": {"preprocess": WHOLE},
+    "crop": {"preprocess": {"lungs": "crop", "crop": 1.0}},
+    "crop-attenuate": {"preprocess": {"lungs": "crop-attenuate", "crop": 1.0}},
+    "whole+shift-aug": {"preprocess": WHOLE, "augment": SOURCE_SHIFT},
+    "crop+shift-aug": {"preprocess": {"lungs": "crop", "crop": 1.0}, "augment": SOURCE_SHIFT},
+}
+
+
+def recipe_for(base: dict[str, Any], group: str, variant: str) -> TrainConfig:
+    """The base recipe with the group's manifest and the variant's overrides."""
+    name, _, size = variant.partition("@")
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    data = json.loads(json.dumps(base))
+    data["name"] = f"lso-{group}-{variant}"
+    data["manifest"] = GROUPS[group][1]
+    for table, overrides in VARIANTS[name].items():
+        data[table] = {**data.get(table, {}), **overrides}
+    if size:
+        data["preprocess"]["size"] = int(size)
+    return from_dict(TrainConfig, data, f"lso recipe {group}/{variant}")
+
+
+def probabilities(checkpoint: Path, rows: list[ManifestRow], cache_dir: str) -> np.ndarray:
+    """The kept model's COVID-19 probability for each row (decoded inputs from the cache)."""
+    model, info = load_checkpoint(checkpoint)
+    model.eval()
+    images = decode_images(rows, info.preprocess, progress=False, cache_dir=cache_dir or None)
+    if images.unreadable:
+        raise SystemExit(f"{len(images.unreadable)} images unreadable: {images.unreadable[:3]}")
+    out = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for start in range(0, len(images), 64):
+            x, _ = images.batch(torch.arange(start, min(start + 64, len(images))))
+            out.append(torch.sigmoid(model(x).float().reshape(-1)))
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def scored_rows(rows: list[ManifestRow]) -> list[ManifestRow]:
+    """The external split, plus the seen sources' COVID-19 test images when it has none."""
+    external = [r for r in rows if r.split == "external"]
+    if any(r.target for r in external):
+        return external
+    return external + [r for r in rows if r.split == "test" and r.target == 1]
+
+
+def run_one(config: TrainConfig, out: Path) -> dict[str, Any]:
+    """Train (unless done) and score one (group, variant)."""
+    if not (out / "metrics.json").is_file():
+        Trainer(config, out, progress=False).run()
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = load_manifest(config.manifest)
+    val = [r for r in rows if r.split == "val"]
+    cache = config.runtime.cache_dir
+    val_p = probabilities(out / "best.pt", val, cache)
+    threshold = balanced_youden_threshold(
+        np.array([r.target for r in val]), val_p, [r.source for r in val]
+    )
+    test = scored_rows(rows)
+    result = score_rows(test, probabilities(out / "best.pt", test, cache), threshold)
+    return {
+        **result,
+        "seen val AUC (balanced)": f"{metrics.get('val_auc_balanced', float('nan')):.3f}",
+        "train minutes": f"{metrics['wall_seconds'] / 60:.1f}",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", type=Path, default=Path("configs/train/lso.toml"))
+    parser.add_argument("--groups", default="a,b,c")
+    parser.add_argument("--variants", default="whole,crop,crop-attenuate")
+    parser.add_argument("--runs", type=Path, default=Path("runs/lso"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results/leave-source-out-trained"))
+    args = parser.parse_args()
+    base = tomllib.loads(args.recipe.read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = args.out / "table.json"
+    table = json.loads(done.read_text()) if done.is_file() else []
+    for variant in args.variants.split(","):  # every group of a variant first: comparable early
+        for group in args.groups.split(","):
+            config = recipe_for(base, group, variant)
+            started = time.perf_counter()
+            row = run_one(config, args.runs / f"{group}-{variant}")
+            row = {"held out": GROUPS[group][0], "variant": variant, **row}
+            table = [
+                r for r in table if (r["held out"], r["variant"]) != (row["held out"], variant)
+            ]
+            table.append(row)
+            done.write_text(json.dumps(table, indent=2))
+            lines = markdown_table(table, ["held out", "variant"])
+            (args.out / "table.md").write_text("\n".join(lines) + "\n")
+            print(json.dumps(row), f"({time.perf_counter() - started:.0f} s)", flush=True)
+    print("\n".join(markdown_table(table, ["held out", "variant"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
