@@ -110,6 +110,11 @@ class AugmentConfig:
     almost nothing), `zoom` draws independent x and y scales in [1 - zoom, 1 + zoom] (above 1
     shows more of the image, as in Keras), and the empty border repeats the edge pixels
     (Keras' fill_mode="nearest"). The other keys are extras for the stronger models.
+
+    `blur`, `noise`, `overlays` and `borders` imitate what hospitals' images differ in besides
+    the disease (sharpness, noise, burnt-in markers and text, padding and collimation), so a
+    model cannot tell the source, and with it the label, from them. They change the image only
+    (never a mask), each image drawn on its own; all are off by default.
     """
 
     hflip: bool = False
@@ -122,6 +127,19 @@ class AugmentConfig:
     contrast: float = 0.0  # scale about the image mean by uniform [1 - c, 1 + c]
     gamma: float = 0.0  # x ** exp(uniform [-g, g])
     fill: Literal["border", "zeros", "reflection"] = "border"
+    # Sharpness (detector, resizing, processing): probability of a Gaussian blur of sigma
+    # uniform in (0, blur_sigma] pixels at the input size.
+    blur: float = 0.0
+    blur_sigma: float = 1.5
+    # Dose and detector noise: Gaussian noise of std uniform in [0, noise], every image.
+    noise: float = 0.0
+    # L/R markers and burnt-in text: probability of 1-3 flat bright or dark blocks, text-like
+    # bars or frames, 2-8% of the side, mostly near the edges and corners.
+    overlays: float = 0.0
+    # Padding and collimation: probability of a black or white band on one or more sides,
+    # each uniform in [0, border_max] of the side.
+    borders: float = 0.0
+    border_max: float = 0.08
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.zoom < 1.0:
@@ -130,6 +148,15 @@ class AugmentConfig:
             raise ValueError(f"crop_scale must be in [0.1, 1], got {self.crop_scale}")
         if min(self.shear, self.rotation, self.translate, self.brightness, self.contrast) < 0:
             raise ValueError("augmentation strengths must be >= 0")
+        for key in ("blur", "overlays", "borders"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key} is a probability in [0, 1], got {getattr(self, key)}")
+        if not 0.0 <= self.noise <= 1.0:
+            raise ValueError(f"noise (the largest std) must be in [0, 1], got {self.noise}")
+        if self.blur_sigma <= 0:
+            raise ValueError(f"blur_sigma must be > 0 pixels, got {self.blur_sigma}")
+        if not 0.0 <= self.border_max < 0.5:
+            raise ValueError(f"border_max must be in [0, 0.5) of the side, got {self.border_max}")
 
 
 @dataclass(frozen=True)
