@@ -19,8 +19,8 @@ patients.
 
 Caveat, stated with the table: the backbone itself was fine-tuned on the train split of every
 source but JSRT and OpenIST, so this isolates what the head and the weighting do, not what a
-backbone trained without those sources would learn; that needs `covid-cxr train` on the
-configs/data/lso-*.toml recipes (about an hour each on this CPU, minutes on a GPU).
+backbone trained without those sources would learn: benchmarks/leave_source_out.py retrains
+it per held-out group (docs/results/leave-source-out-trained/).
 Features come from scripts/refit_head.py's cache (data/features/), extracted if missing.
 """
 
@@ -97,16 +97,18 @@ def heads(train: Features, base: tuple[np.ndarray, float]) -> dict[str, tuple[np
     }
 
 
-def markdown_table(table: list[dict[str, str]], keys: list[str]) -> list[str]:
-    """The rows of `table` as markdown: its `keys` columns, then the scores."""
-    scores = ["images", "ROC-AUC", "sensitivity", "specificity", "threshold"]
+def markdown_table(
+    table: list[dict[str, str]], keys: list[str], extra: tuple[str, ...] = ()
+) -> list[str]:
+    """The rows of `table` as markdown: its `keys` columns, the scores, then `extra` columns
+    ("–" where a row has none)."""
+    scores = ["images", "ROC-AUC", "sensitivity", "specificity", "threshold", *extra]
     lines = ["| " + " | ".join(keys + scores) + " |", "|" + "---|" * (len(keys) + len(scores))]
-    lines += [
-        "| "
-        + " | ".join([r[k] for k in keys] + [r["n"], r["auc"], r["sensitivity"], r["specificity"]])
-        + f" | {r['threshold']} |"
-        for r in table
-    ]
+    for r in table:
+        cells = [r[k] for k in keys]
+        cells += [r["n"], r["auc"], r["sensitivity"], r["specificity"], r["threshold"]]
+        cells += [r.get(column, "–") for column in extra]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

@@ -57,6 +57,15 @@ def lung_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def whole_image_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped classifier with an info that says its inputs are whole radiographs."""
+    path = tmp_path_factory.mktemp("whole-model") / "whole-image.onnx"
+    shutil.copy(shipped_model("covid-cxr-default.onnx"), path)
+    update_onnx_info(path, preprocess=PreprocessConfig(intensity="equalize", crop=0.9).to_dict())
+    return path
+
+
 def test_settings_round_trip_through_model_info_and_old_info_loads_as_off() -> None:
     info = ModelInfo(name="x", preprocess=CROP)
     data = json.loads(json.dumps(info.to_dict()))
@@ -141,11 +150,15 @@ def test_a_lung_config_needs_the_mask_and_an_image_without_lungs_is_refused(
 
 
 def test_predictor_crops_to_the_lungs_and_places_the_map_on_that_box(
-    lung_model: Path, files: list[Path], segmenter: LungSegmenter, tmp_path: Path
+    lung_model: Path,
+    whole_image_model: Path,
+    files: list[Path],
+    segmenter: LungSegmenter,
+    tmp_path: Path,
 ) -> None:
     predictor = Predictor(lung_model)
     assert predictor.lungs is not None
-    assert Predictor(shipped_model("covid-cxr-default.onnx")).lungs is None  # loaded only if needed
+    assert Predictor(whole_image_model).lungs is None  # the segmenter is loaded only if needed
     results = predictor.predict_batch(files, cam=True)
     for path, result in zip(files, results, strict=True):
         pixels = result.radiograph.pixels

@@ -261,6 +261,7 @@ def test_model_card_header_states_the_weights_licence_and_metrics() -> None:
     point = header["operating_point"]
     assert point["name"] == predictor.operating_point
     assert point["threshold"] == pytest.approx(predictor.threshold, abs=5e-4)
+    assert ("lung crop" in header["preprocessing"]) == predictor.info.preprocess.needs_lungs
     headline = header["metrics"][0]["roc_auc"]
     assert headline["ci95"][0] <= headline["value"] <= headline["ci95"][1]
     citation = yaml.safe_load((REPO_ROOT / "CITATION.cff").read_text(encoding="utf-8"))

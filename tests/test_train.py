@@ -16,14 +16,22 @@ import torch
 
 from covid_cxr.cli import main
 from covid_cxr.config import AugmentConfig, OptimConfig, SamplingConfig, TrainConfig, load_config
+from covid_cxr.data.dedup import file_sha256
 from covid_cxr.data.manifest import ManifestRow, load_manifest, write_manifest
 from covid_cxr.errors import ConfigError, DataError
+from covid_cxr.imaging import PreprocessConfig
 from covid_cxr.models.checkpoint import load_checkpoint, read_checkpoint
 from covid_cxr.paths import REPO_ROOT
 from covid_cxr.training.augment import augment_batch, random_affine
 from covid_cxr.training.classification import load_splits
 from covid_cxr.training.cpu import cpu_threads
-from covid_cxr.training.dataset import EpochSampler, class_weights, decode_images, group_weights
+from covid_cxr.training.dataset import (
+    EpochSampler,
+    cache_folder,
+    class_weights,
+    decode_images,
+    group_weights,
+)
 from covid_cxr.training.distributed import Context
 from covid_cxr.training.history import binary_metrics
 from covid_cxr.training.schedule import Schedule
@@ -349,3 +357,30 @@ def test_last_pt_files_from_before_train_state_still_resume(
     old.parent.mkdir()
     torch.save(state, old)
     _resume_matches_the_uninterrupted_run(old, full_run, manifest, tmp_path / "resumed")
+
+
+def test_disk_cache_reuses_decoded_inputs_and_keys_them_by_preprocessing(
+    manifest: Path, tmp_path: Path
+) -> None:
+    # The cache is keyed by the manifest's sha256 column (data build fills it in).
+    rows = [
+        dataclasses.replace(r, sha256=file_sha256(r.path))
+        for r in load_manifest(manifest)
+        if r.split == "val"
+    ][:6]
+    config = PreprocessConfig(size=48, intensity="equalize")
+    first = decode_images(rows, config, workers=0, progress=False, cache_dir=tmp_path)
+    folder = cache_folder(tmp_path, config, "float16")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{r.sha256}.npy" for r in rows)
+    # Mark one cached input: a second decode must read it instead of the radiograph.
+    marked = folder / f"{rows[0].sha256}.npy"
+    np.save(marked, np.full((48, 48), 0.25, dtype=np.float16))
+    again = decode_images(rows, config, workers=0, progress=False, cache_dir=tmp_path)
+    assert torch.all(again.images[0] == 0.25)
+    assert torch.equal(again.images[1:], first.images[1:])
+    # A damaged file is decoded again and replaced; another preprocessing gets its own folder.
+    marked.write_bytes(b"not an array")
+    repaired = decode_images(rows, config, workers=0, progress=False, cache_dir=tmp_path)
+    assert torch.equal(repaired.images, first.images)
+    assert cache_folder(tmp_path, PreprocessConfig(size=48), "float16") != folder
+    assert cache_folder(tmp_path, config, "uint8") != folder
