@@ -64,6 +64,12 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 EXTRA_COLUMNS = ("specificity at sensitivity 0.90", "seen val AUC (balanced)", "train minutes")
 
 
+def _order(row: dict[str, str]) -> tuple[int, str, str]:
+    """Table order: variants as VARIANTS lists them (sizes after), then held-out group."""
+    name = row["variant"].partition("@")[0]
+    return list(VARIANTS).index(name), row["variant"], row["held out"]
+
+
 def _estimate(text: str) -> tuple[float, float, float]:
     """ "0.879 (0.837–0.913)" -> (0.879, 0.837, 0.913)."""
     value, low, high = (float(x) for x in re.findall(r"\d+\.\d+|\d+", text)[:3])
@@ -103,7 +109,7 @@ def plot(table: list[dict[str, str]], path: Path) -> None:
     axes.set_ylim(0.4, 1.0)
     axes.set_ylabel("ROC-AUC on the held-out sources (95% CI)")
     axes.set_title("Leave-source-out: each model trained without the sources it is scored on")
-    axes.legend(loc="lower left", fontsize=8)
+    axes.legend(loc="upper center", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -206,6 +212,7 @@ def main() -> int:
                 r for r in table if (r["held out"], r["variant"]) != (row["held out"], variant)
             ]
             table.append(row)
+            table.sort(key=_order)
             done.write_text(json.dumps(table, indent=2))
             lines = markdown_table(table, ["held out", "variant"], EXTRA_COLUMNS)
             (args.out / "table.md").write_text("\n".join(lines) + "\n")
