@@ -173,8 +173,10 @@ def preprocess(
     image = pixels.astype(np.float32, copy=False)[top : top + height, left : left + width]
     if config.lungs == "crop-attenuate":
         assert lungs is not None  # input_box checked it
-        inside = np.asarray(lungs, bool)[top : top + height, left : left + width]
-        image = np.where(inside, image, image * np.float32(config.outside_lungs))
+        outside = ~np.asarray(lungs, bool)[top : top + height, left : left + width]
+        # In place on one copy: a large radiograph's crop is up to 64 MB of float32.
+        image = image.copy()
+        np.multiply(image, np.float32(config.outside_lungs), out=image, where=outside)
     resized = Image.fromarray(np.ascontiguousarray(image)).resize(
         (config.size, config.size), Image.Resampling.BILINEAR
     )

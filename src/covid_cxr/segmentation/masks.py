@@ -75,8 +75,7 @@ def postprocess(mask: np.ndarray) -> LungMask:
 
 
 def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
-    image = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F")
-    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.asarray(_resized(array, width, height), dtype=np.float32)
 
 
 def mask_to_input(mask: np.ndarray, config: PreprocessConfig) -> np.ndarray:
@@ -95,7 +94,22 @@ def logits_to_image(
     height, width = shape
     top, left, box_h, box_w = crop_box(height, width, config.crop)
     out = np.zeros(shape, bool)
-    out[top : top + box_h, left : left + box_w] = _resize(logits, box_w, box_h) > 0.0
+    out[top : top + box_h, left : left + box_w] = _positive(_resized(logits, box_w, box_h))
+    return out
+
+
+def _resized(array: np.ndarray, width: int, height: int) -> Image.Image:
+    image = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F")
+    return image.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _positive(image: Image.Image, rows: int = 256) -> np.ndarray:
+    """A float image's values > 0 as a boolean array, converted a band of rows at a time: a
+    4096-px radiograph's logits would otherwise be held twice (64 MB each) for one comparison."""
+    out = np.empty((image.height, image.width), bool)
+    for top in range(0, image.height, rows):
+        band = image.crop((0, top, image.width, min(top + rows, image.height)))
+        out[top : top + band.height] = np.asarray(band, dtype=np.float32) > 0.0
     return out
 
 

@@ -51,9 +51,13 @@ class LungSegmenter:
         path = Path(model) if model is not None else DEFAULT_SEGMENTER
         if not path.is_file():
             raise ModelError(f"{path}: segmentation model not found (an .onnx file is needed)")
+        options = session_options(threads)
+        # The U-Net's decoder activations at full input resolution are large; without the
+        # arena they are returned after each call instead of held by every server worker.
+        options.enable_cpu_mem_arena = False
         try:
             self.session = ort.InferenceSession(
-                str(path), session_options(threads), providers=["CPUExecutionProvider"]
+                str(path), options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:
             raise ModelError(f"{path}: not a loadable ONNX model ({exc})") from exc

@@ -78,6 +78,17 @@ def _scaled(box: Box | None, shape: tuple[int, ...], new_shape: tuple[int, ...])
     return scale_box(box, (shape[0], shape[1]), (new_shape[0], new_shape[1]))
 
 
+def _declares_large(data: bytes) -> bool:
+    """Whether a PNG or JPEG header declares more than LARGE_PIXELS (Pillow reads only the
+    header here): such an upload takes its turn before it is decoded, not only after."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:  # not an image Pillow knows (DICOM, junk): judged after reading
+        return False
+    return width * height > LARGE_PIXELS
+
+
 def _fit(pixels: np.ndarray, max_side: int) -> np.ndarray:
     """The radiograph scaled down (area average) so its longest side is at most `max_side`."""
     height, width = pixels.shape
@@ -97,9 +108,10 @@ class Engine:
     def __init__(self, predictor: Predictor, settings: ServiceSettings) -> None:
         self.predictor = predictor
         self.settings = settings
-        # Preprocessing a large radiograph briefly holds two more full-size float copies (the
-        # crop and Pillow's own); one large image at a time keeps the server's peak memory
-        # bounded with several inference workers, while small ones never wait.
+        # Decoding, segmenting and preprocessing a large radiograph briefly hold several
+        # full-size copies (pixels, lung logits and mask, the crop, Pillow's own); one large
+        # image at a time, from decoding on when its header says so, keeps the server's peak
+        # memory bounded with several inference workers, while small ones never wait.
         self._large = threading.Lock()
 
     @classmethod
@@ -143,13 +155,13 @@ class Engine:
         self, upload: UploadedFile, cam: bool, preview: bool, dicom: bool = False
     ) -> schemas.Prediction:
         start = time.perf_counter()
-        radiograph = self.read(upload)
-        decoded = time.perf_counter()
         # DICOM results carry the heat map too (in their Secondary Capture).
         heat = (cam or dicom) and self.predictor.cam_available
-        large = radiograph.width * radiograph.height > LARGE_PIXELS
-        with self._large if large else contextlib.nullcontext():
-            result = self.predictor.predict(radiograph, name=upload.filename, cam=heat)
+        declared = _declares_large(upload.data)
+        with self._large if declared else contextlib.nullcontext():
+            radiograph = self.read(upload)
+            decoded = time.perf_counter()
+            result = self._predict(radiograph, upload.filename, heat, turn_taken=declared)
         predicted = time.perf_counter()
         from covid_cxr.explain.gradcam import overlay
 
@@ -187,6 +199,14 @@ class Engine:
             preview=preview_png,
             dicom=dicom_results,
         )
+
+    def _predict(
+        self, radiograph: Radiograph, name: str | None, heat: bool, *, turn_taken: bool
+    ) -> Prediction:
+        """Predict; a large radiograph whose header did not say so (DICOM) takes its turn now."""
+        large = radiograph.width * radiograph.height > LARGE_PIXELS
+        with self._large if large and not turn_taken else contextlib.nullcontext():
+            return self.predictor.predict(radiograph, name=name, cam=heat)
 
     def _dicom(
         self, radiograph: Radiograph, result: Prediction, heat_rgb: np.ndarray | None
